@@ -1,0 +1,1 @@
+"""Comparison blocks with the same call shape as FFF: dense feedforward, sigma-MoE and PKM."""

@@ -1,0 +1,69 @@
+"""sigma-MoE (Csordas, Irie & Schmidhuber, "Approximating Two-Layer Feedforward Networks for Efficient
+Transformers", EMNLP 2023 Findings, arXiv 2310.10837). PAPERS.md §4 gives the formulas."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..block import BlockOutput, FeedForwardBlock, activation_fn
+from ..config import SigmaMoEConfig
+from ..losses import sigma_moe_entropy_loss
+from ..ops.grouped import grouped_mlp
+
+
+class SigmaMoE(FeedForwardBlock):
+    """E experts of size G selected top-K by a sigmoid gate; no biases.
+
+    ``s = sigmoid(x W_sel^T)``; in training, expert dropout removes each (token, expert) pair from the
+    selection with probability ``expert_dropout``; ``y = sum over the top-K e of s_e * (act(x K_e) V_e)``.
+
+    Contract: ``forward(x [..., d_model]) -> BlockOutput``. ``aux_loss`` is ``entropy_coef *
+    sum_e p_bar_e log p_bar_e`` with p_bar the batch mean of softmax(selection logits) over this call's
+    tokens (per rank: data-parallel training averages the gradient, not p_bar).
+    """
+
+    config_class = SigmaMoEConfig
+
+    def __init__(self, config: SigmaMoEConfig):
+        super().__init__()
+        if not isinstance(config, SigmaMoEConfig):
+            raise TypeError(f"SigmaMoE takes a SigmaMoEConfig, got {type(config).__name__}")
+        self.config = config
+        c = config
+        E, G, d, o, w = c.n_experts, c.expert_size, c.d_model, c.d_out, c.weight_scale
+        self.act = activation_fn(c.activation)
+        # init as if a dense FFN of width E * G (paper §4)
+        self.keys = nn.Parameter(torch.randn(E, d, G) * (w / math.sqrt(d)))  # [E, d, G]
+        self.values = nn.Parameter(torch.randn(E, G, o) * (w / math.sqrt(E * G)))  # [E, G, o]
+        sel = torch.randn(E, d) * (w / math.sqrt(d))
+        # selector rows rescaled to one common norm (their mean), so that no expert starts favoured
+        norms = sel.norm(dim=1, keepdim=True)
+        self.selection = nn.Parameter(sel / norms * norms.mean())  # [E, d]
+
+    def forward(self, x: Tensor) -> BlockOutput:
+        # S tokens, d model width, E experts, K selected per token, G expert size, o output width
+        c = self.config
+        lead = x.shape[:-1]
+        x = self._flatten_input(x)  # [S, d]
+        S = x.shape[0]
+        logits = x @ self.selection.t()  # [S, E]
+        choose_on = logits
+        if self.training and c.expert_dropout > 0:
+            dropped = torch.rand_like(logits, dtype=torch.float32) < c.expert_dropout
+            choose_on = logits.masked_fill(dropped, float("-inf"))
+        _, idx = choose_on.topk(c.top_k, dim=-1)  # [S, K]
+        gate = torch.sigmoid(logits.gather(1, idx))  # [S, K]
+        token = torch.arange(S, device=x.device)[:, None].expand(S, c.top_k)
+        y = grouped_mlp(
+            x, token.reshape(-1), idx.reshape(-1), gate.reshape(-1), self.keys, None, self.values, None, self.act
+        )  # [S, o]
+        counts = torch.bincount(idx.reshape(-1), minlength=c.n_experts).float()
+        stats = {"counts": counts}
+        if not self.training:
+            zero = self.zero()
+            return BlockOutput(y.reshape(*lead, c.d_out), zero, {"entropy": zero}, stats)
+        entropy = sigma_moe_entropy_loss(logits)
+        return BlockOutput(y.reshape(*lead, c.d_out), c.entropy_coef * entropy, {"entropy": entropy}, stats)

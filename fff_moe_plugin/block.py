@@ -1,0 +1,90 @@
+"""What every feedforward block of the package shares: the call shape and the activation names.
+
+Every block (FFF, UltraFastFFF, SigmaMoE, PKM, DenseFFN) maps ``x [..., d_model]`` to a
+:class:`BlockOutput` whose fields never change shape with flags or mode: losses are zeros in eval, and the
+set of keys in ``losses`` and ``stats`` is fixed per block. The fairseq and DeepSpeed adapters rely on
+this to treat all blocks alike.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import BlockConfig
+
+
+class BlockOutput(NamedTuple):
+    """Result of a block's forward.
+
+    output:   [..., d_out], same leading shape as the input.
+    aux_loss: float32 scalar, the block's auxiliary losses already weighted by the config's coefficients;
+              the caller adds it to the training loss (zero in eval).
+    losses:   the unweighted loss terms (float32 scalars), fixed keys per block, zeros in eval.
+    stats:    detached routing statistics; ``stats["counts"]`` is always the number of tokens that each
+              expert / leaf / memory slot received in this call (float32 [E]).
+    """
+
+    output: Tensor
+    aux_loss: Tensor
+    losses: dict[str, Tensor]
+    stats: dict[str, Tensor]
+
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "identity": lambda t: t,
+}
+
+
+def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
+    return _ACTIVATIONS[name]
+
+
+class FeedForwardBlock(nn.Module):
+    """Base class: input checking and flattening shared by the blocks."""
+
+    config: BlockConfig
+
+    def _flatten_input(self, x: Tensor) -> Tensor:
+        """Check ``x`` against the config and return it as [S, d]."""
+        d = self.config.d_model  # type: ignore[attr-defined]
+        if x.dim() == 0 or x.shape[-1] != d:
+            raise ValueError(
+                f"{type(self).__name__} expects inputs of shape [..., {d}] (d_model={d}), got {tuple(x.shape)}"
+            )
+        p = next(self.parameters())
+        if x.dtype != p.dtype:
+            raise ValueError(
+                f"{type(self).__name__}: input dtype {x.dtype} differs from the parameters' {p.dtype}; "
+                f"convert one of them (e.g. block.to({x.dtype}))"
+            )
+        return x.reshape(-1, d)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def zero(self) -> Tensor:
+        """A float32 scalar zero on the block's device (for losses in eval)."""
+        return torch.zeros((), dtype=torch.float32, device=next(self.parameters()).device)
+
+
+def build_block(config: BlockConfig) -> FeedForwardBlock:
+    """The block a config describes."""
+    from .baselines.dense import DenseFFN
+    from .baselines.pkm import PKM
+    from .baselines.sigma_moe import SigmaMoE
+    from .fff import FFF
+    from .ultrafast import UltraFastFFF
+
+    classes = {c.config_class.kind: c for c in (FFF, UltraFastFFF, SigmaMoE, PKM, DenseFFN)}
+    if config.kind not in classes:
+        raise ValueError(f"no block for config kind {config.kind!r}; known: {', '.join(classes)}")
+    return classes[config.kind](config)

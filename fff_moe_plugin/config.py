@@ -1,0 +1,337 @@
+"""One validated configuration dataclass per block.
+
+Every block takes its config whole. Adapters at the edges (fairseq flags, the DeepSpeed JSON block, the
+command line) copy values by field name through :meth:`BlockConfig.from_dict`, which rejects unknown keys.
+Every bad value raises ``ValueError`` naming the field, the value and what is allowed, before any tensor
+is allocated.
+
+Each config also knows its exact parameter count and how many of those parameters one token reads, so
+that parameter matching needs no model to be built (the tests check both against the built modules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity")
+
+# The largest tree depth accepted at all, and the largest layer (in parameters) a config may describe.
+# 2**34 float32 parameters are 64 GiB: anything bigger is a typo, not an experiment.
+MAX_DEPTH = 30
+MAX_PARAMETERS = 2**34
+
+
+def _fail(cls_name: str, field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{cls_name}.{field} = {value!r} is not allowed: {allowed}")
+
+
+class BlockConfig:
+    """Shared validation and (de)serialisation for the block configs."""
+
+    kind: ClassVar[str] = ""
+
+    # -- validation helpers -------------------------------------------------------------------------
+    def _int(self, field: str, minimum: int, maximum: int | None = None) -> None:
+        value = getattr(self, field)
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(type(self).__name__, field, value, "an integer is required")
+        if value < minimum or (maximum is not None and value > maximum):
+            rng = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            _fail(type(self).__name__, field, value, f"must be an integer {rng}")
+
+    def _float(self, field: str, low: float, high: float | None = None, high_open: bool = False) -> None:
+        value = getattr(self, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            _fail(type(self).__name__, field, value, "a number is required")
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if value < low or too_high:
+            hi = "inf)" if high is None else (f"{high})" if high_open else f"{high}]")
+            _fail(type(self).__name__, field, value, f"must be in [{low}, {hi}")
+        setattr(self, field, float(value))
+
+    def _choice(self, field: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, field)
+        if value not in choices:
+            _fail(type(self).__name__, field, value, f"must be one of {', '.join(choices)}")
+
+    def _bool(self, field: str) -> None:
+        value = getattr(self, field)
+        if not isinstance(value, bool):
+            _fail(type(self).__name__, field, value, "must be true or false")
+
+    def _size_limit(self) -> None:
+        n = self.num_parameters()
+        if n > MAX_PARAMETERS:
+            raise ValueError(
+                f"{type(self).__name__} describes a layer of {n:,} parameters, more than can be allocated "
+                f"(limit {MAX_PARAMETERS:,}); reduce depth or widths"
+            )
+
+    # -- (de)serialisation --------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]):
+        """Build from a mapping; unknown keys raise ``ValueError`` listing the known ones."""
+        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(names)}"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    # -- counting -----------------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        raise NotImplementedError
+
+    def num_parameters_per_token(self) -> int:
+        """Parameters one token reads in the inference forward."""
+        raise NotImplementedError
+
+    def fraction_used_per_token(self) -> float:
+        return self.num_parameters_per_token() / self.num_parameters()
+
+
+@dataclass
+class FFFConfig(BlockConfig):
+    """Leaf-MLP fast feedforward tree (Belcak & Wattenhofer 2023, arXiv 2308.14711; eFFF 2405.16836)."""
+
+    kind: ClassVar[str] = "fff"
+
+    # shape
+    d_model: int
+    leaf_width: int
+    depth: int
+    d_out: int | None = None  # None: same as d_model
+    activation: str = "relu"
+    bias: bool = True
+    # training
+    train_mode: str = "soft"  # soft: mixture over all leaves; hard: each token runs only its leaf
+    hardening: float = 0.0  # coefficient of the mean Bernoulli entropy of the node decisions
+    region_leak: float = 0.0  # probability of swapping a node decision, per (token, node), training only
+    leaf_dropout: float = 0.0  # dropout on the leaf hidden activations, training only
+    # load balancing over leaves
+    load_balance: str = "none"  # none | leaf (Switch loss over leaves) | node (left/right at every node)
+    load_balance_coef: float = 0.01
+    # master leaf (eFFF): an always-on MLP blended with the tree by a learned sigmoid gate
+    master_leaf: bool = False
+    master_leaf_width: int | None = None  # None: same as leaf_width
+
+    TRAIN_MODES: ClassVar[tuple[str, ...]] = ("soft", "hard")
+    LOAD_BALANCE: ClassVar[tuple[str, ...]] = ("none", "leaf", "node")
+
+    def __post_init__(self) -> None:
+        self._int("d_model", 1)
+        self._int("leaf_width", 1)
+        self._int("depth", 0, MAX_DEPTH)
+        if self.d_out is None:
+            self.d_out = self.d_model
+        self._int("d_out", 1)
+        self._choice("activation", ACTIVATIONS)
+        self._bool("bias")
+        self._choice("train_mode", self.TRAIN_MODES)
+        self._float("hardening", 0.0)
+        self._float("region_leak", 0.0, 1.0)
+        self._float("leaf_dropout", 0.0, 1.0, high_open=True)
+        self._choice("load_balance", self.LOAD_BALANCE)
+        self._float("load_balance_coef", 0.0)
+        self._bool("master_leaf")
+        if self.master_leaf_width is None:
+            self.master_leaf_width = self.leaf_width
+        self._int("master_leaf_width", 1)
+        self._size_limit()
+
+    @property
+    def n_nodes(self) -> int:
+        return 2**self.depth - 1
+
+    @property
+    def n_leaves(self) -> int:
+        return 2**self.depth
+
+    @property
+    def training_width(self) -> int:
+        return self.n_leaves * self.leaf_width
+
+    def _leaf_params(self, width: int) -> int:
+        b = int(self.bias)
+        return self.d_model * width + b * width + width * self.d_out + b * self.d_out
+
+    def _master_params(self) -> int:
+        # the master leaf MLP plus its one gate logit
+        return self._leaf_params(self.master_leaf_width) + 1 if self.master_leaf else 0
+
+    def num_parameters(self) -> int:
+        nodes = self.n_nodes * (self.d_model + int(self.bias))
+        return nodes + self.n_leaves * self._leaf_params(self.leaf_width) + self._master_params()
+
+    def num_parameters_per_token(self) -> int:
+        nodes = self.depth * (self.d_model + int(self.bias))
+        return nodes + self._leaf_params(self.leaf_width) + self._master_params()
+
+
+@dataclass
+class UltraFastConfig(BlockConfig):
+    """Path-neuron FFF of UltraFastBERT (Belcak & Wattenhofer 2023, arXiv 2311.10770).
+
+    A tree of ``2**(depth + 1) - 1`` neurons; a token visits ``depth + 1`` of them.
+    """
+
+    kind: ClassVar[str] = "path_neuron"
+
+    d_model: int
+    depth: int
+    d_out: int | None = None
+    activation: str = "gelu"
+    bias: bool = True  # neuron biases
+    output_bias: bool = False
+    train_mode: str = "masked"  # masked: all neurons computed, unvisited ones zeroed; sparse: visited only
+
+    TRAIN_MODES: ClassVar[tuple[str, ...]] = ("masked", "sparse")
+
+    def __post_init__(self) -> None:
+        self._int("d_model", 1)
+        self._int("depth", 0, MAX_DEPTH - 1)
+        if self.d_out is None:
+            self.d_out = self.d_model
+        self._int("d_out", 1)
+        self._choice("activation", ACTIVATIONS)
+        self._bool("bias")
+        self._bool("output_bias")
+        self._choice("train_mode", self.TRAIN_MODES)
+        self._size_limit()
+
+    @property
+    def n_neurons(self) -> int:
+        return 2 ** (self.depth + 1) - 1
+
+    def _neuron_params(self) -> int:
+        return self.d_model + int(self.bias) + self.d_out
+
+    def num_parameters(self) -> int:
+        return self.n_neurons * self._neuron_params() + int(self.output_bias) * self.d_out
+
+    def num_parameters_per_token(self) -> int:
+        return (self.depth + 1) * self._neuron_params() + int(self.output_bias) * self.d_out
+
+
+@dataclass
+class SigmaMoEConfig(BlockConfig):
+    """sigma-MoE (Csordas, Irie & Schmidhuber 2023, arXiv 2310.10837)."""
+
+    kind: ClassVar[str] = "sigma_moe"
+
+    d_model: int
+    n_experts: int
+    expert_size: int
+    top_k: int = 4
+    d_out: int | None = None
+    activation: str = "relu"
+    expert_dropout: float = 0.0  # probability of removing an expert before selection, training only
+    entropy_coef: float = 1e-3  # gamma: weight of sum(p_bar * log p_bar)
+    weight_scale: float = 1.0  # w in the paper's init; sqrt(2 / n_layers) for pre-LN stacks
+
+    def __post_init__(self) -> None:
+        self._int("d_model", 1)
+        self._int("n_experts", 1)
+        self._int("expert_size", 1)
+        self._int("top_k", 1)
+        if self.top_k > self.n_experts:
+            _fail(type(self).__name__, "top_k", self.top_k, f"must be <= n_experts ({self.n_experts})")
+        if self.d_out is None:
+            self.d_out = self.d_model
+        self._int("d_out", 1)
+        self._choice("activation", ACTIVATIONS)
+        self._float("expert_dropout", 0.0, 1.0, high_open=True)
+        self._float("entropy_coef", 0.0)
+        self._float("weight_scale", 0.0)
+        if self.weight_scale == 0.0:
+            _fail(type(self).__name__, "weight_scale", 0.0, "must be > 0")
+        self._size_limit()
+
+    def num_parameters(self) -> int:
+        return self.n_experts * (self.d_model + self.expert_size * (self.d_model + self.d_out))
+
+    def num_parameters_per_token(self) -> int:
+        return self.n_experts * self.d_model + self.top_k * self.expert_size * (self.d_model + self.d_out)
+
+
+@dataclass
+class PKMConfig(BlockConfig):
+    """Product-key memory (Lample et al. 2019) as configured by Csordas et al. 2023 (query = x)."""
+
+    kind: ClassVar[str] = "pkm"
+
+    d_model: int
+    n_keys: int  # sub-keys per half; n_keys**2 value slots
+    n_heads: int = 4
+    knn: int = 128  # value slots read per head
+    d_out: int | None = None
+    score_activation: str = "relu"  # relu | softmax over the knn selected scores
+
+    SCORE_ACTIVATIONS: ClassVar[tuple[str, ...]] = ("relu", "softmax")
+
+    def __post_init__(self) -> None:
+        self._int("d_model", 2)
+        if self.d_model % 2:
+            _fail(type(self).__name__, "d_model", self.d_model, "must be even (the query is split in halves)")
+        self._int("n_keys", 1)
+        self._int("n_heads", 1)
+        self._int("knn", 1)
+        if self.knn > self.n_keys**2:
+            _fail(type(self).__name__, "knn", self.knn, f"must be <= n_keys**2 ({self.n_keys**2})")
+        if self.d_out is None:
+            self.d_out = self.d_model
+        self._int("d_out", 1)
+        self._choice("score_activation", self.SCORE_ACTIVATIONS)
+        self._size_limit()
+
+    def num_parameters(self) -> int:
+        # two halves of d_model / 2 per head: n_heads * n_keys * d_model key parameters
+        return self.n_keys**2 * self.d_out + self.n_heads * self.n_keys * self.d_model
+
+    def num_parameters_per_token(self) -> int:
+        return self.n_heads * self.n_keys * self.d_model + self.n_heads * self.knn * self.d_out
+
+
+@dataclass
+class DenseConfig(BlockConfig):
+    """The two-layer feedforward block every other block is compared with."""
+
+    kind: ClassVar[str] = "dense"
+
+    d_model: int
+    d_ff: int
+    d_out: int | None = None
+    activation: str = "relu"
+    bias: bool = True
+    dropout: float = 0.0  # on the hidden activations, training only
+
+    def __post_init__(self) -> None:
+        self._int("d_model", 1)
+        self._int("d_ff", 1)
+        if self.d_out is None:
+            self.d_out = self.d_model
+        self._int("d_out", 1)
+        self._choice("activation", ACTIVATIONS)
+        self._bool("bias")
+        self._float("dropout", 0.0, 1.0, high_open=True)
+        self._size_limit()
+
+    def num_parameters(self) -> int:
+        b = int(self.bias)
+        return self.d_model * self.d_ff + b * self.d_ff + self.d_ff * self.d_out + b * self.d_out
+
+    def num_parameters_per_token(self) -> int:
+        return self.num_parameters()
+
+
+CONFIGS: dict[str, type[BlockConfig]] = {
+    c.kind: c for c in (FFFConfig, UltraFastConfig, SigmaMoEConfig, PKMConfig, DenseConfig)
+}

