@@ -1,13 +1,15 @@
 """The ``fff-moe`` command: chores around the layers (parameter matching, data, benchmarks, comparison).
 
 Each sub-command lives in its own module under ``fff_moe_plugin.commands`` with two functions,
-``add_arguments(parser)`` and ``run(args) -> int``; heavy imports happen inside ``run``.
+``add_arguments(parser)`` and ``run(args) -> int``; heavy imports happen inside ``run``. Bad input ends with one line naming the problem and exit code 2
+(set FFF_MOE_TRACEBACK=1 to see the traceback instead).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # sub-command name -> (module, one-line help)
@@ -17,19 +19,31 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, just that sub-command's module is imported for its arguments."""
     parser = argparse.ArgumentParser(prog="fff-moe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(f"fff_moe_plugin.commands.{module}").add_arguments(p)
+        if only is None or only == name:
+            importlib.import_module(f"fff_moe_plugin.commands.{module}").add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    # import only the chosen sub-command (none for --help): one broken optional extra cannot break the rest
+    args = build_parser(chosen if chosen in COMMANDS else "").parse_args(argv)
     module = importlib.import_module(f"fff_moe_plugin.commands.{COMMANDS[args.command][0]}")
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        # bad input and missing extras: the message says what was wrong and what to do
+        if os.environ.get("FFF_MOE_TRACEBACK"):
+            raise
+        print(f"fff-moe {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,275 @@
+"""The leaf-MLP FFF layer against direct definitions and the reference package."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fff_moe_plugin import FFF, FFFConfig, tree
+from fff_moe_plugin.losses import leaf_balance_loss, node_balance_loss
+
+
+def make(dtype=torch.float64, **kw):
+    values = dict(d_model=6, leaf_width=3, depth=3, d_out=5)
+    values.update(kw)
+    return FFF(FFFConfig(**values)).to(dtype)
+
+
+def leaf_mlp(layer, j, x):
+    h = layer.act(x @ layer.leaf_w1[j] + layer.leaf_b1[j])
+    return h @ layer.leaf_w2[j] + layer.leaf_b2[j]
+
+
+def soft_reference(layer, x):
+    """sum_j c_j(x) f_j(x), one leaf at a time."""
+    c = tree.leaf_probs(layer.node_logits(x), layer.config.depth)
+    return sum(c[:, j : j + 1] * leaf_mlp(layer, j, x) for j in range(layer.config.n_leaves))
+
+
+def hard_reference(layer, x, scaled):
+    """Each token on its own: descend, run the leaf, scale by the path probability if asked."""
+    rows = []
+    for t in range(x.shape[0]):
+        node, logp = 0, 0.0
+        for _ in range(layer.config.depth):
+            z = x[t] @ layer.node_weight[node] + layer.node_bias[node]
+            logp = logp + F.logsigmoid(z if z >= 0 else -z)
+            node = 2 * node + 1 + int(z >= 0)
+        leaf = node - layer.config.n_nodes
+        y = leaf_mlp(layer, leaf, x[t : t + 1])[0]
+        rows.append(torch.exp(logp) * y if scaled else y)
+    return torch.stack(rows)
+
+
+def test_soft_forward_equals_per_leaf_loop():
+    layer = make().train()
+    x = torch.randn(20, 6, dtype=torch.float64)
+    assert torch.allclose(layer(x).output, soft_reference(layer, x))
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_depth_zero_is_exactly_its_leaf(mode):
+    layer = make(depth=0, train_mode=mode)
+    x = torch.randn(9, 6, dtype=torch.float64)
+    expected = leaf_mlp(layer, 0, x)
+    assert torch.allclose(layer.train()(x).output, expected)
+    assert torch.allclose(layer.eval()(x).output, expected)
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_tree_pointing_one_way_equals_that_leaf(mode):
+    layer = make(train_mode=mode)
+    with torch.no_grad():
+        layer.node_weight.zero_()
+        layer.node_bias.fill_(-1e4)  # every node says "left": leaf 0
+    x = torch.randn(9, 6, dtype=torch.float64)
+    expected = leaf_mlp(layer, 0, x)
+    assert torch.allclose(layer.train()(x).output, expected)
+    assert torch.allclose(layer.eval()(x).output, expected)
+
+
+@pytest.mark.parametrize("master", [False, True])
+def test_hard_training_forward_equals_eval(master):
+    layer = make(train_mode="hard", master_leaf=master, load_balance="leaf", hardening=0.1)
+    x = torch.randn(64, 6, dtype=torch.float64)
+    assert torch.equal(layer.train()(x).output, layer.eval()(x).output)
+
+
+def test_hard_forward_equals_per_token_reference_with_path_probability():
+    layer = make(train_mode="hard").eval()
+    x = torch.randn(40, 6, dtype=torch.float64)
+    assert torch.allclose(layer(x).output, hard_reference(layer, x, scaled=True))
+
+
+def test_soft_tree_eval_runs_its_leaf_unscaled():
+    layer = make(train_mode="soft").eval()
+    x = torch.randn(40, 6, dtype=torch.float64)
+    assert torch.allclose(layer(x).output, hard_reference(layer, x, scaled=False))
+
+
+def test_hard_mode_nodes_receive_gradients():
+    layer = make(train_mode="hard").train()
+    layer(torch.randn(32, 6, dtype=torch.float64)).output.pow(2).sum().backward()
+    assert layer.node_weight.grad.abs().sum() > 0 and layer.node_bias.grad.abs().sum() > 0
+
+
+def test_master_leaf_blends_with_learned_gate():
+    layer = make(master_leaf=True, master_leaf_width=4).eval()
+    plain = copy.deepcopy(layer)
+    plain.config = FFFConfig.from_dict({**layer.config.to_dict(), "master_leaf": False})
+    with torch.no_grad():
+        layer.master_gate.fill_(0.7)
+    x = torch.randn(11, 6, dtype=torch.float64)
+    m = layer.act(x @ layer.master_w1 + layer.master_b1) @ layer.master_w2 + layer.master_b2
+    g = torch.sigmoid(torch.tensor(0.7, dtype=torch.float64))
+    expected = g * plain(x).output + (1 - g) * m
+    out = layer(x)
+    assert torch.allclose(out.output, expected)
+    assert torch.allclose(out.stats["master_gate"], g.float())
+
+
+def test_region_leak_one_equals_mirrored_tree():
+    leaky = make(region_leak=1.0).train()
+    mirrored = copy.deepcopy(leaky)
+    mirrored.config = FFFConfig.from_dict({**leaky.config.to_dict(), "region_leak": 0.0})
+    with torch.no_grad():
+        mirrored.node_weight.neg_()
+        mirrored.node_bias.neg_()
+    x = torch.randn(13, 6, dtype=torch.float64)
+    assert torch.allclose(leaky(x).output, mirrored(x).output)
+
+
+def test_region_leak_and_dropout_are_off_in_eval():
+    layer = make(region_leak=0.5, leaf_dropout=0.5, train_mode="hard")
+    clean = copy.deepcopy(layer)
+    clean.config = FFFConfig.from_dict({**layer.config.to_dict(), "region_leak": 0.0, "leaf_dropout": 0.0})
+    x = torch.randn(30, 6, dtype=torch.float64)
+    assert torch.equal(layer.eval()(x).output, clean.eval()(x).output)
+
+
+def test_aux_loss_is_weighted_sum_and_zero_in_eval():
+    layer = make(hardening=0.3, load_balance="leaf", load_balance_coef=0.05).train()
+    out = layer(torch.randn(25, 6, dtype=torch.float64))
+    expected = 0.3 * out.losses["hardening"] + 0.05 * out.losses["load_balance"]
+    assert torch.allclose(out.aux_loss, expected)
+    assert out.aux_loss > 0
+    ev = layer.eval()(torch.randn(25, 6, dtype=torch.float64))
+    assert ev.aux_loss == 0 and set(ev.losses) == set(out.losses) and set(ev.stats) == set(out.stats)
+
+
+def test_hardening_equals_mean_entropy_of_all_nodes_in_soft_mode():
+    layer = make(hardening=1.0).train()
+    x = torch.randn(25, 6, dtype=torch.float64)
+    p = torch.sigmoid(layer.node_logits(x))
+    entropy = -(p * p.log() + (1 - p) * (1 - p).log())
+    assert torch.allclose(layer(x).losses["hardening"], entropy.mean().float())
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_leaf_balance_loss_in_layer_matches_definition(mode):
+    layer = make(train_mode=mode, load_balance="leaf").train()
+    x = torch.randn(40, 6, dtype=torch.float64)
+    out = layer(x)
+    probs = tree.leaf_probs(layer.node_logits(x), 3)
+    leaf = tree.descend(x, layer.node_weight, layer.node_bias, 3)[2] - 7
+    f = torch.bincount(leaf, minlength=8).double() / 40
+    assert torch.allclose(out.losses["load_balance"].double(), 8 * (f * probs.mean(0)).sum(), atol=1e-6)
+    assert torch.equal(out.stats["counts"], torch.bincount(leaf, minlength=8).float())
+
+
+def test_leaf_balance_loss_is_one_when_uniform_and_larger_otherwise():
+    L = 8
+    leaf = torch.arange(64) % L
+    uniform = F.one_hot(leaf, L).double()
+    assert leaf_balance_loss(uniform, leaf).item() == pytest.approx(1.0)
+    skewed_leaf = torch.where(torch.arange(64) < 40, 0, leaf)
+    skewed = F.one_hot(skewed_leaf, L).double()
+    assert leaf_balance_loss(skewed, skewed_leaf).item() > 1.5
+
+
+def test_node_balance_loss_is_one_at_balance_and_larger_otherwise():
+    depth, S = 3, 64
+    leaf = torch.arange(S) % 8
+    nodes, right = tree.path_nodes_of_leaf(leaf, depth)
+    confident = torch.where(right.bool(), 5.0, -5.0).double()  # decisions agree with the routing
+    assert node_balance_loss(nodes, torch.zeros(S, depth, dtype=torch.float64) + 1e-12, 7).item() == pytest.approx(
+        1.0, abs=1e-6
+    )
+    balanced = node_balance_loss(nodes, confident, 7).item()
+    assert balanced == pytest.approx(1.0, abs=0.02)
+    skewed_leaf = torch.where(torch.arange(S) < 48, 7, leaf)
+    nodes, right = tree.path_nodes_of_leaf(skewed_leaf, depth)
+    skewed = node_balance_loss(nodes, torch.where(right.bool(), 5.0, -5.0).double(), 7).item()
+    assert skewed > 1.3
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_node_balance_gradient_reaches_nodes(mode):
+    layer = make(train_mode=mode, load_balance="node", load_balance_coef=1.0).train()
+    layer(torch.randn(40, 6, dtype=torch.float64)).aux_loss.backward()
+    assert layer.node_weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_dtypes(dtype, mode):
+    ref = make(torch.float64, train_mode=mode, master_leaf=True, load_balance="leaf")
+    layer = copy.deepcopy(ref).to(dtype)
+    x = torch.randn(16, 6, dtype=torch.float64)
+    for train in (True, False):
+        out = layer.train(train)(x.to(dtype))
+        assert out.output.dtype == dtype and out.aux_loss.dtype == torch.float32
+        assert torch.isfinite(out.output).all()
+    if mode == "soft":  # no hard decision to flip under rounding: outputs agree to the dtype's precision
+        tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 5e-2}[dtype]
+        expected = ref.train()(x).output
+        assert torch.allclose(layer.train()(x.to(dtype)).output.double(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_zero_token_batch_returns_empty_output(mode):
+    layer = make(train_mode=mode, load_balance="leaf", hardening=0.1, master_leaf=True)
+    for train in (True, False):
+        out = layer.train(train)(torch.randn(0, 4, 6, dtype=torch.float64))
+        assert out.output.shape == (0, 4, 5)
+        assert out.aux_loss == 0 and out.stats["counts"].sum() == 0
+    layer.train()(torch.randn(0, 6, dtype=torch.float64)).output.sum().backward()
+
+
+def test_leading_dimensions_are_kept():
+    layer = make().eval()
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    assert torch.equal(layer(x).output, layer(x.reshape(-1, 6)).output.reshape(2, 3, 4, 5))
+
+
+def test_wrong_feature_width_raises_clear_error():
+    with pytest.raises(ValueError, match=r"\[\.\.\., 6\] \(d_model=6\), got \(4, 7\)"):
+        make()(torch.randn(4, 7, dtype=torch.float64))
+    with pytest.raises(ValueError, match="dtype"):
+        make()(torch.randn(4, 6, dtype=torch.float32))
+
+
+def test_state_dict_round_trip_gives_identical_outputs():
+    layer = make(master_leaf=True, train_mode="hard").eval()
+    other = FFF(layer.config).to(torch.float64).eval()
+    x = torch.randn(30, 6, dtype=torch.float64)
+    assert not torch.equal(layer(x).output, other(x).output)
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(layer(x).output, other(x).output)
+
+
+# -- the reference package, fastfeedforward 0.2.1 ---------------------------------------------------------
+fastfeedforward = pytest.importorskip(
+    "fastfeedforward", reason="reference tests need fastfeedforward: pip install fastfeedforward==0.2.1"
+)
+
+
+@pytest.mark.parametrize("depth", [1, 3, 4])
+def test_soft_forward_equals_fastfeedforward_training_forward(depth):
+    ref = fastfeedforward.FFF(6, 3, 5, depth, activation=torch.nn.GELU()).train()
+    layer = FFF.from_fastfeedforward(ref).train()
+    assert layer.config.activation == "gelu"
+    x = torch.randn(33, 6)
+    expected, entropies = ref.training_forward(x, return_entropies=True)
+    out = layer(x)
+    assert torch.allclose(out.output, expected, atol=1e-6)
+    assert torch.allclose(out.losses["hardening"], entropies.mean(), atol=1e-5)
+
+
+def test_eval_equals_fastfeedforward_eval_plus_output_bias():
+    ref = fastfeedforward.FFF(6, 3, 5, 3).eval()
+    layer = FFF.from_fastfeedforward(ref).eval()
+    x = torch.randn(33, 6)
+    leaf = layer.descend(x)[2]
+    # the reference's eval forgets b2; ours keeps it
+    assert torch.allclose(layer(x).output, ref(x) + ref.b2s[leaf], atol=1e-6)
+
+
+def test_round_trip_through_fastfeedforward():
+    layer = make(torch.float32, activation="tanh")
+    back = FFF.from_fastfeedforward(layer.to_fastfeedforward())
+    x = torch.randn(10, 6)
+    assert torch.equal(layer.train()(x).output, back.train()(x).output)
+    with pytest.raises(ValueError, match="master leaf"):
+        make(torch.float32, master_leaf=True).to_fastfeedforward()
