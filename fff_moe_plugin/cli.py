@@ -1,8 +1,8 @@
 """The ``fff-moe`` command: chores around the layers (parameter matching, data, benchmarks, comparison).
 
 Each sub-command lives in its own module under ``fff_moe_plugin.commands`` with two functions,
-``add_arguments(parser)`` and ``run(args) -> int``; heavy imports happen inside ``run``. Bad input ends with one line naming the problem and exit code 2
-(set FFF_MOE_TRACEBACK=1 to see the traceback instead).
+``add_arguments(parser)`` and ``run(args) -> int``; heavy imports happen inside ``run``.
+Bad input ends with one line naming the problem and exit code 2 (FFF_MOE_TRACEBACK=1 shows the traceback).
 """
 
 from __future__ import annotations

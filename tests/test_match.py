@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fff_moe_plugin import build_block
+from fff_moe_plugin import FFFConfig, build_block
 from fff_moe_plugin.cli import main
 from fff_moe_plugin.matching import KINDS, match
 
@@ -34,7 +34,7 @@ def test_cli_prints_table_and_json(capsys):
     assert main(["match", "--d-model", "32", "--dense-ffn", "128", "--to", "fff", "--json", "--fff-depth", "2"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["kind"] for r in rows] == ["dense", "fff"] and rows[1]["config"]["depth"] == 2
-    assert rows[1]["params"] == build_block(__import__("fff_moe_plugin").FFFConfig(**rows[1]["config"])).num_parameters()
+    assert rows[1]["params"] == build_block(FFFConfig(**rows[1]["config"])).num_parameters()
 
 
 def test_unknown_kind_is_refused():

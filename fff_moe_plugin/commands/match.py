@@ -11,10 +11,14 @@ from ..matching import KINDS, describe, match
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d-model", type=int, required=True, help="model width d")
     p.add_argument("--dense-ffn", type=int, required=True, help="hidden width of the dense block to match")
-    p.add_argument("--to", nargs="+", default=["fff", "sigma_moe", "pkm"], choices=KINDS, metavar="KIND",
-                   help=f"blocks to match (any of {', '.join(KINDS)}); the dense block is always listed first")
-    p.add_argument("--fff-depth", type=int, default=None, help="FFF depth (default: leaves about as wide as --expert-size)")
-    p.add_argument("--expert-size", type=int, default=128, help="sigma-MoE expert size G (and the FFF leaf width aimed at)")
+    p.add_argument(
+        "--to", nargs="+", default=["fff", "sigma_moe", "pkm"], choices=KINDS, metavar="KIND",
+        help=f"blocks to match (any of {', '.join(KINDS)}); the dense block is always listed first",
+    )
+    p.add_argument("--fff-depth", type=int, default=None,
+                   help="FFF depth (default: leaves about as wide as --expert-size)")
+    p.add_argument("--expert-size", type=int, default=128,
+                   help="sigma-MoE expert size G (and the FFF leaf width aimed at)")
     p.add_argument("--top-k", type=int, default=4, help="sigma-MoE experts per token K")
     p.add_argument("--pkm-heads", type=int, default=4, help="PKM heads")
     p.add_argument("--pkm-knn", type=int, default=32, help="PKM value slots read per head")
