@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import tree
+from .config import FFFConfig
 from .tree import bernoulli_entropy
 
 
@@ -72,3 +74,46 @@ def usage_entropy(counts: Tensor) -> Tensor:
         return counts.new_zeros(())
     q = counts / total
     return -(q * torch.log(q.clamp_min(1e-30))).sum()
+
+
+def tree_losses(
+    config: FFFConfig,
+    path_nodes: Tensor,
+    path_logits: Tensor,
+    leaf: Tensor,
+    *,
+    harden_on: Tensor | None = None,
+    leaf_probs: Tensor | None = None,
+    all_logits: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The auxiliary loss of an FFF tree's training forward: ``(weighted aux_loss, unweighted terms)``.
+
+    Shared by the core layer and every dispatch backend, so that all train the same objective.
+    path_nodes, path_logits: [S, D]; leaf: [S]. ``harden_on``: the logits whose decisions the hardening
+    term averages (default: the path's). For ``load_balance="leaf"`` the leaf distribution is needed:
+    ``leaf_probs`` [S, L], or ``all_logits`` [S, N] to compute it from.
+    """
+    zero = path_logits.new_zeros((), dtype=torch.float32)
+    harden = hardening_loss(path_logits if harden_on is None else harden_on)
+    if config.load_balance == "leaf":
+        if leaf_probs is None:
+            if all_logits is None:
+                raise ValueError("load_balance='leaf' needs the leaf distribution: pass leaf_probs or all_logits")
+            leaf_probs = tree.leaf_probs(all_logits.float(), config.depth)
+        balance = leaf_balance_loss(leaf_probs, leaf)
+    elif config.load_balance == "node":
+        balance = node_balance_loss(path_nodes, path_logits, config.n_nodes)
+    else:
+        balance = zero
+    aux = config.hardening * harden + (config.load_balance_coef * balance if config.load_balance != "none" else zero)
+    return aux, {"hardening": harden, "load_balance": balance}
+
+
+def tree_stats(config: FFFConfig, leaf: Tensor, path_logits: Tensor) -> dict[str, Tensor]:
+    """Detached routing statistics of a tree: tokens per leaf, unused leaves, mean decision entropy."""
+    counts = torch.bincount(leaf.detach(), minlength=config.n_leaves).float()  # [L]
+    return {
+        "counts": counts,
+        "unused_leaves": (counts == 0).sum().float(),
+        "decision_entropy": hardening_loss(path_logits.detach()),
+    }

@@ -1,0 +1,138 @@
+"""Training tokens/s under DeepSpeed, 2 CPU processes (gloo): FFFMoE vs DeepSpeed's own top-1 MoE with the same
+leaves (experts) vs the dense block of the same training width, at ep_size 1 and 2.
+
+    python benchmarks/bench_deepspeed.py [--steps 20] [--json bench_deepspeed.json]
+
+Each variant is a stack of pre-LN residual feedforward blocks (d_model 128, dense width 512 = 8 leaves x 64)
+trained with Adam on random inputs through ``fff_moe_plugin.deepspeed.initialize``; the time covers forward,
+backward (with DeepSpeed's gradient all-reduce) and the optimizer step. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+VARIANTS = {
+    "dense": None,
+    "deepspeed top-1 MoE, ep 1": {"router": "topk", "ep_size": 1},
+    "deepspeed top-1 MoE, ep 2": {"router": "topk", "ep_size": 2},
+    "FFFMoE, ep 1": {"ep_size": 1},
+    "FFFMoE, ep 2": {"ep_size": 2},
+}
+
+
+def _model(d: int, n_blocks: int):
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(d)
+            self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+        def forward(self, x):
+            return x + self.mlp(self.norm(x))
+
+    torch.manual_seed(0)
+    return nn.Sequential(*(Block() for _ in range(n_blocks)))
+
+
+def worker(args) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch
+    import torch.nn.functional as F
+
+    from fff_moe_plugin.deepspeed import aux_loss, initialize
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    d = args.d_model
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(args.batch, args.seq_len, d, generator=g)
+    y = torch.randn(args.batch, args.seq_len, d, generator=g)
+    rows = []
+    for name, extra in VARIANTS.items():
+        config = {"train_micro_batch_size_per_gpu": args.batch, "steps_per_print": 10**9,
+                  "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}},
+                  "zero_optimization": {"stage": 0}}
+        if extra is not None:
+            config["fff_moe"] = {"depth": 3, "leaf_width": d * 4 // 8, "replace": "*.mlp", "capacity_factor": 1.25,
+                                 "master_leaf": False, **extra}
+        engine, *_ = initialize(model=_model(d, args.blocks), config=config, verbose=False)
+        times = []
+        for step in range(args.warmup + args.steps):
+            torch.distributed.barrier()
+            t = time.perf_counter()
+            loss = F.mse_loss(engine(x), y) + aux_loss(engine)
+            engine.backward(loss)
+            engine.step()
+            torch.distributed.barrier()
+            if step >= args.warmup:
+                times.append(time.perf_counter() - t)
+        times.sort()
+        median = times[len(times) // 2]
+        params = sum(p.numel() for p in engine.module.parameters())
+        rows.append({"variant": name, "tokens_per_s": args.batch * args.seq_len * world / median,
+                     "median_step_s": median, "params_per_rank": params})
+    if rank == 0:
+        report(rows, args)
+
+
+def report(rows, args) -> None:
+    dense = rows[0]["tokens_per_s"]
+    print(f"\nDeepSpeed training, {args.procs} CPU processes (gloo), {args.blocks} blocks, d_model {args.d_model}, "
+          f"dense width {4 * args.d_model} = 8 leaves x {args.d_model // 2}, micro-batch {args.batch} x "
+          f"{args.seq_len} tokens per rank, median of {args.steps} steps")
+    print(f"| {'variant':<28} | {'tokens/s':>9} | {'vs dense':>8} | {'step ms':>8} | {'params/rank':>11} |")
+    print(f"|{'-' * 30}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 13}|")
+    for r in rows:
+        print(f"| {r['variant']:<28} | {r['tokens_per_s']:>9.0f} | {r['tokens_per_s'] / dense:>7.2f}x | "
+              f"{1000 * r['median_step_s']:>8.1f} | {r['params_per_rank']:>11,} |")
+    with open(args.json, "w") as f:
+        json.dump({"settings": {k: v for k, v in vars(args).items() if k != "worker"}, "results": rows}, f, indent=2)
+    print(f"wrote {args.json}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--json", default="bench_deepspeed.json")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.procs = 2
+    for name in ("steps", "batch", "seq_len", "d_model", "blocks"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.d_model % 8:
+        p.error("--d-model must be a multiple of 8 (the dense width 4 * d_model is split into 8 leaves)")
+    if args.worker:
+        worker(args)
+        return 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(args.procs):
+        env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                   LOCAL_RANK=str(rank), WORLD_SIZE=str(args.procs), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--worker"], env=env,
+                                      stdout=None if rank == 0 else subprocess.DEVNULL))
+    return max(p.wait() for p in procs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The module that stands where a replaced feedforward block stood: tensor in, tensor out.
+
+Models call their feedforward block as ``y = self.mlp(x)``; DeepSpeed's MoE returns a triple. This adapter
+keeps the model's call shape and keeps the layer's full :class:`~fff_moe_plugin.block.BlockOutput` of the
+last call in ``.last`` (the same per-call pattern as DeepSpeed's own ``MOELayer.l_aux``), which
+:func:`fff_moe_plugin.deepspeed.aux_loss` sums.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from deepspeed.moe.layer import MoE
+from torch import Tensor, nn
+
+from ...block import BlockOutput
+from .layer import FFFMoE
+
+
+class MoEFeedForward(nn.Module):
+    """Wraps an :class:`FFFMoE`, a DeepSpeed ``MoE`` (top-1 baseline) or a ``TutelFFF`` as a feedforward block.
+
+    ``forward(x [..., d]) -> [..., d]``. After each call ``self.last`` is the layer's BlockOutput; its
+    ``aux_loss`` is what the training loss must add: FFFMoE's ``l_aux`` as is (already weighted), a plain
+    DeepSpeed MoE's ``l_aux`` times ``aux_coef``.
+    """
+
+    def __init__(self, layer: nn.Module, aux_coef: float = 1.0) -> None:
+        super().__init__()
+        self.moe = layer
+        self.aux_coef = aux_coef
+        self.last: Optional[BlockOutput] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.moe, FFFMoE):
+            out = self.moe.forward_block(x)
+        elif isinstance(self.moe, MoE):
+            y, l_aux, counts = self.moe(x)
+            l_aux = l_aux.float()
+            counts = counts.detach().float()
+            out = BlockOutput(y, self.aux_coef * l_aux, {"load_balance": l_aux},
+                              {"counts": counts, "unused_leaves": (counts == 0).sum().float()})
+        else:
+            out = self.moe(x)
+            if not isinstance(out, BlockOutput):
+                raise TypeError(f"{type(self.moe).__name__} returned {type(out).__name__}; a BlockOutput is expected")
+        self.last = out
+        return out.output
+
+    def extra_repr(self) -> str:
+        return f"aux_coef={self.aux_coef}"

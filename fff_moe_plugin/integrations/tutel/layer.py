@@ -1,0 +1,278 @@
+"""The FFF tree on Tutel's dispatch: nodes as a Tutel gate, leaves as Tutel experts sharded over ranks.
+
+Tutel's ``moe_layer`` does the routing bookkeeping, capacity, dispatch (``fast_encode``), all-to-all, the
+leaf MLPs (its built-in ``ffn`` experts) and the combine (``fast_decode``). This module adds what is the
+tree's: the gate (:mod:`.gate`), the path-probability scale, the master leaf, and the auxiliary losses and
+statistics of the core :class:`fff_moe_plugin.FFF`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tutel import moe as tutel_moe
+
+from ...block import BlockOutput, FeedForwardBlock, activation_fn
+from ...config import FFFConfig
+from ...fff import FFF
+from ...losses import tree_losses, tree_stats
+from .gate import TutelTreeGate
+
+
+def _leaf_hidden(activation: str, dropout: float, h: Tensor, experts: nn.Module) -> Tensor:
+    """The leaves' hidden activation for Tutel's ``ffn`` experts (``activation_fn_with_self``)."""
+    return F.dropout(activation_fn(activation)(h), dropout, experts.training)
+
+
+def _tag_leaf(name: str, param: nn.Parameter) -> None:
+    # data-parallel wrappers that know expert parallelism (fairseq's legacy_ddp) leave these out of the
+    # gradient all-reduce: each rank owns its leaves
+    param.expert = True
+
+
+def _world(group) -> tuple[int, int]:
+    """(size, rank) of the expert-parallel group; (1, 0) without torch.distributed."""
+    if not dist.is_available() or not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+class TutelFFF(FeedForwardBlock):
+    """Fast feedforward tree (Belcak & Wattenhofer, arXiv 2308.14711; master leaf and load balancing of eFFF,
+    arXiv 2405.16836) whose dispatch, all-to-all and combine are Tutel's (arXiv 2206.03382).
+
+    Contract: ``forward(x [..., d_model], adaptive_r=None) -> BlockOutput(output [..., d_out], aux_loss,
+    losses, stats)``, the call shape of every block of the package. The caller adds ``aux_loss`` (hardening
+    and load balancing, weighted by the config) to its loss. With nothing dropped, the output, losses and
+    gradients are those of the core ``FFF`` with the same weights (``from_fff`` / ``to_fff`` convert).
+
+    Layout over the W ranks of ``group`` (the whole world when None): leaf ``r * L/W + i`` lives on rank r as
+    Tutel's local expert i, so ``n_leaves`` must be a multiple of W; the nodes and the master leaf are
+    replicated, and their gradients must be all-reduced over data-parallel ranks as for any dense
+    parameter (leaf parameters carry ``expert = True`` and Tutel's ``_tutel_expert`` to be left out).
+    Each rank routes its own tokens; every rank of the group must call forward (the all-to-all is collective).
+
+    ``capacity_factor`` is Tutel's: 0 is dropless (capacity = the largest leaf load over the group);
+    c > 0 gives each leaf ``k * int(c * ceil(S / L))`` slots per rank (k leaves per token: 1, or L in soft
+    training) and drops the tokens beyond them; c < 0 is dropless up to ``|c|`` times that. A dropped token's
+    tree output is zero (the master leaf, if any, still runs); ``stats["dropped"]`` counts this rank's
+    dropped (token, leaf) assignments. ``adaptive_r`` is passed to Tutel per call (0: every rank gathers all
+    leaves and runs its own tokens; 1: leaves stay put and tokens travel by all-to-all); as in Tutel, the
+    value stays in force for later calls.
+
+    Soft training dispatches every token to every leaf (top-L) and mixes by P(leaf): correct, but the cost of
+    a dense layer plus an all-to-all of L copies; hard training (``train_mode="hard"``) is what this backend
+    is for. Tutel's dispatch computes in float32 for float32 and float64 inputs.
+    """
+
+    config_class = FFFConfig
+
+    # the core layer's master-leaf blend, bound to this module (it reads config, act, master_*, training)
+    master = FFF.master
+
+    def __init__(
+        self,
+        config: FFFConfig,
+        capacity_factor: float = 0.0,
+        group: dist.ProcessGroup | None = None,
+        *,
+        scan_expert_func: Callable[[str, nn.Parameter], None] | None = None,
+        init_from: FFF | None = None,
+    ):
+        super().__init__()
+        if not isinstance(config, FFFConfig):
+            raise TypeError(f"TutelFFF takes an FFFConfig, got {type(config).__name__}")
+        if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or not math.isfinite(
+            capacity_factor
+        ):
+            raise ValueError(
+                f"TutelFFF: capacity_factor = {capacity_factor!r} is not allowed: a finite number is required "
+                "(0 = dropless, > 0 = capped, < 0 = dropless up to that cap)"
+            )
+        c = config
+        if c.d_model % 2:
+            raise ValueError(f"TutelFFF: d_model = {c.d_model} is not allowed: Tutel's dispatch needs an even width")
+        W, rank = _world(group)
+        if c.n_leaves % W:
+            raise ValueError(
+                f"TutelFFF: depth = {c.depth} ({c.n_leaves} leaves) is not allowed on {W} ranks: the leaves are "
+                f"sharded over the ranks, so the number of leaves must be a multiple of the group size "
+                f"(use depth >= {math.ceil(math.log2(W))} with a power-of-two group)"
+            )
+        if init_from is not None and (not isinstance(init_from, FFF) or init_from.config != config):
+            raise ValueError("TutelFFF: init_from must be an FFF with the same config")
+        self.config = config
+        self.capacity_factor = float(capacity_factor)
+        self.world_size, self.rank = W, rank
+        self.act = activation_fn(c.activation)
+
+        def scan(name: str, param: nn.Parameter) -> None:
+            _tag_leaf(name, param)
+            if scan_expert_func is not None:
+                scan_expert_func(name, param)
+
+        self.moe = tutel_moe.moe_layer(
+            gate_type={"type": "custom", "module": TutelTreeGate, "config": c, "capacity_factor": capacity_factor},
+            model_dim=c.d_model,
+            experts={
+                "type": "ffn",
+                "num_experts_per_device": c.n_leaves // W,
+                "hidden_size_per_expert": c.leaf_width,
+                "output_dim": c.d_out,
+                "activation_fn_with_self": functools.partial(_leaf_hidden, c.activation, c.leaf_dropout),
+                "has_fc1_bias": c.bias,
+                "has_fc2_bias": c.bias,
+            },
+            scan_expert_func=scan,
+            group=group,
+        )
+        if c.master_leaf:
+            d, m, o = c.d_model, c.master_leaf_width, c.d_out
+            self.master_w1 = nn.Parameter(torch.zeros(d, m))
+            self.master_b1 = nn.Parameter(torch.zeros(m)) if c.bias else None
+            self.master_w2 = nn.Parameter(torch.zeros(m, o))
+            self.master_b2 = nn.Parameter(torch.zeros(o)) if c.bias else None
+            self.master_gate = nn.Parameter(torch.zeros(()))
+        # NOTE: the initial values are a core FFF's, so that TutelFFF(config) under a seed equals FFF(config)
+        # under that seed on every rank; the full tree exists for a moment on each rank while it is sliced.
+        self.load_fff(init_from if init_from is not None else FFF(config))
+
+    # -- parts --------------------------------------------------------------------------------------------
+    @property
+    def gate(self) -> TutelTreeGate:
+        return self.moe.gates[0]
+
+    @property
+    def local_leaves(self) -> range:
+        """Global indices of the leaves this rank holds."""
+        n = self.config.n_leaves // self.world_size
+        return range(self.rank * n, (self.rank + 1) * n)
+
+    # -- conversion ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_fff(
+        cls, fff: FFF, capacity_factor: float = 0.0, group: dist.ProcessGroup | None = None, **kwargs
+    ) -> TutelFFF:
+        """A TutelFFF with the weights of a core FFF (this rank keeps its share of the leaves)."""
+        dtype = fff.node_weight.dtype
+        return cls(fff.config, capacity_factor, group, init_from=fff, **kwargs).to(dtype)
+
+    @torch.no_grad()
+    def load_fff(self, fff: FFF) -> None:
+        """Copy a core FFF's weights in: nodes and master leaf whole, the leaves of this rank."""
+        if not isinstance(fff, FFF) or fff.config != self.config:
+            raise ValueError("TutelFFF.load_fff needs an FFF with the same config")
+        self.gate.node_weight.copy_(fff.node_weight)
+        if fff.node_bias is not None:
+            self.gate.node_bias.copy_(fff.node_bias)
+        mine = slice(self.local_leaves.start, self.local_leaves.stop)
+        e = self.moe.experts
+        e.batched_fc1_w.copy_(fff.leaf_w1[mine].transpose(1, 2))  # Tutel keeps fc1 as [E, l, d]
+        e.batched_fc2_w.copy_(fff.leaf_w2[mine])  # [E, l, o]
+        if fff.leaf_b1 is not None:
+            e.batched_fc1_bias.copy_(fff.leaf_b1[mine])  # [E, l]
+            e.batched_fc2_bias.copy_(fff.leaf_b2[mine])  # [E, o]
+        if self.config.master_leaf:
+            for name in ("master_w1", "master_b1", "master_w2", "master_b2", "master_gate"):
+                if getattr(fff, name) is not None:
+                    getattr(self, name).copy_(getattr(fff, name))
+
+    @torch.no_grad()
+    def to_fff(self) -> FFF:
+        """The core FFF with this layer's weights, leaves gathered from every rank (collective: all ranks call)."""
+        out = FFF(self.config).to(self.gate.node_weight.dtype)
+        out.node_weight.copy_(self.gate.node_weight)
+        if out.node_bias is not None:
+            out.node_bias.copy_(self.gate.node_bias)
+        e = self.moe.experts
+        out.leaf_w1.copy_(self._gather(e.batched_fc1_w).transpose(1, 2))
+        out.leaf_w2.copy_(self._gather(e.batched_fc2_w))
+        if out.leaf_b1 is not None:
+            out.leaf_b1.copy_(self._gather(e.batched_fc1_bias))
+            out.leaf_b2.copy_(self._gather(e.batched_fc2_bias))
+        if self.config.master_leaf:
+            for name in ("master_w1", "master_b1", "master_w2", "master_b2", "master_gate"):
+                if getattr(self, name) is not None:
+                    getattr(out, name).copy_(getattr(self, name))
+        return out
+
+    def _gather(self, local: Tensor) -> Tensor:
+        """Concatenate every rank's [L/W, ...] share along the leaf axis."""
+        if self.world_size == 1:
+            return local.detach().clone()
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local.detach().contiguous(), group=self.moe.group)
+        return torch.cat(parts, 0)
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, adaptive_r: int | None = None) -> BlockOutput:
+        # S tokens (this rank's), d model width, o output width, N nodes, L leaves (all ranks), D depth,
+        # k leaves a token is dispatched to (1 when descending, L in soft training)
+        if adaptive_r is not None and adaptive_r not in self.moe.valid_rs:
+            raise ValueError(
+                f"TutelFFF: adaptive_r = {adaptive_r!r} is not allowed: must be one of {self.moe.valid_rs} "
+                f"for {self.config.n_leaves} leaves on {self.world_size} rank(s)"
+            )
+        lead = x.shape[:-1]
+        x = self._flatten_input(x)  # [S, d]
+        c = self.config
+        soft = self.training and c.train_mode == "soft"
+        k = c.n_leaves if soft else 1
+        # NOTE: unequal token counts over ranks would give capped capacities that differ between ranks and
+        # hang the all-to-all; Tutel then agrees on the largest count first (dropless agrees on its own)
+        unequal = self.world_size > 1 and self.capacity_factor != 0
+        # gate -> capacity -> fast_encode -> all-to-all -> leaves -> all-to-all -> fast_decode, all Tutel's
+        tree_out = self.moe(x, top_k=k, adaptive_r=adaptive_r, inequivalent_tokens=unequal)  # [S, o]
+        route = self.gate.take_route()
+        if not soft:
+            # Tutel combined with weight 1 (one-hot gate, see gate.py): the path probability scales here
+            tree_out = tree_out * self.gate.leaf_gate(route.path_logits).to(tree_out.dtype)[:, None]
+        y = self.master(x, tree_out)  # [S, o]
+
+        zero = self.zero()
+        stats = {
+            **tree_stats(c, route.leaf, route.path_logits),
+            "master_gate": torch.sigmoid(self.master_gate.detach().float()) if c.master_leaf else zero + 1.0,
+            "dropped": self._dropped(route, k, unequal),
+        }
+        if not self.training:
+            losses = {"hardening": zero, "load_balance": zero}
+            return BlockOutput(y.reshape(*lead, c.d_out), zero, losses, stats)
+
+        # the same terms as the core FFF's training forward
+        leaf_p = route.leaf_log_probs.exp() if route.leaf_log_probs is not None else None  # [S, L]
+        all_logits = self.gate.node_logits(x) if c.load_balance == "leaf" and leaf_p is None else None  # [S, N]
+        aux, losses = tree_losses(c, route.path_nodes, route.path_logits, route.leaf, harden_on=route.harden_on,
+                                  leaf_probs=leaf_p, all_logits=all_logits)
+        return BlockOutput(y.reshape(*lead, c.d_out), aux, losses, stats)
+
+    @torch.no_grad()
+    def _dropped(self, route, k: int, unequal: bool) -> Tensor:
+        """How many of this rank's (token, leaf) assignments Tutel's capacity dropped in this call."""
+        zero = self.zero()
+        if self.capacity_factor == 0:
+            return zero  # dropless: Tutel's capacity is the largest load over the group
+        # Tutel's own routing on the scores it saw (softmax of the gate's logits) gives its capacity and each
+        # assignment's slot; an assignment is dropped when its slot is beyond the capacity
+        if route.leaf_log_probs is not None:
+            scores = F.softmax(route.leaf_log_probs, dim=1)  # [S, L]
+        else:
+            scores = F.one_hot(route.leaf, self.config.n_leaves).to(route.path_logits.dtype)  # [S, L]
+        crit, _ = tutel_moe.top_k_routing(
+            scores, top_k=k, loss_fn=None, capacity_factor=self.capacity_factor, group=self.moe.group,
+            alignment=self.moe.sharded_count * self.moe.a2a_ffn_overlap_degree, inequivalent_tokens=unequal,
+        )
+        _, _, locations, _, capacity, _ = crit
+        return sum((loc >= capacity).sum() for loc in locations).float().to(zero.device)
+
+    def extra_repr(self) -> str:
+        return (
+            f"leaves {self.local_leaves.start}..{self.local_leaves.stop - 1} of {self.config.n_leaves} on rank "
+            f"{self.rank}/{self.world_size}, capacity_factor={self.capacity_factor}"
+        )
