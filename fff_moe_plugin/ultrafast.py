@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from . import tree
 from .block import BlockOutput, FeedForwardBlock, activation_fn
 from .config import UltraFastConfig
+from .ops import inference
 
 
 class UltraFastFFF(FeedForwardBlock):
@@ -57,6 +58,11 @@ class UltraFastFFF(FeedForwardBlock):
             nodes, _ = tree.descend_from_logits(a_all, levels, strict=True)  # [S, D+1]
             mask = torch.zeros_like(a_all).scatter_(1, nodes, 1.0)  # [S, N]
             y = (self.act(a_all) * mask) @ self.neuron_out  # [S, o]
+        elif not self.training and inference.kernels_apply(x, *self.parameters()):
+            # eval on the compiled path-neuron kernel (ops/inference.py); the statistics need the last node only
+            w = (self.neuron_in, self.neuron_bias, self.neuron_out)
+            y, last = inference.path_neuron(x, *w, None, levels, c.activation)  # [S, o], [S]
+            nodes = last[:, None]  # [S, 1]
         else:
             nodes, a, _ = tree.descend(x, self.neuron_in, self.neuron_bias, levels, strict=True)  # [S, D+1]
             u = self.neuron_out[nodes]  # [S, D+1, o]

@@ -1,5 +1,24 @@
-"""Dispatch and inference kernels, each behind one function with a plain-torch reference beside it."""
+"""Dispatch and inference kernels, each behind one function with a plain-torch reference beside it.
+
+``to_fast_eval`` (one call to put a trained model in its fast inference form) lives in
+``fff_moe_plugin.ops.fast_eval``; it imports the layers, which import this package.
+"""
 
 from .grouped import grouped_mlp, grouped_mlp_reference
+from .inference import (
+    descend,
+    descend_reference,
+    fff_infer,
+    fff_infer_reference,
+    leaf_mlp,
+    leaf_mlp_reference,
+    path_neuron,
+    path_neuron_reference,
+    reference_path,
+    set_reference,
+)
 
-__all__ = ["grouped_mlp", "grouped_mlp_reference"]
+__all__ = [
+    "grouped_mlp", "grouped_mlp_reference", "descend", "descend_reference", "leaf_mlp", "leaf_mlp_reference",
+    "fff_infer", "fff_infer_reference", "path_neuron", "path_neuron_reference", "reference_path", "set_reference",
+]
