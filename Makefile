@@ -22,7 +22,7 @@ $(VENV)/.torch:
 
 # the package with every extra the tests and the demo use (fairseq-fixed builds in about 3.5 minutes)
 $(VENV)/.installed: $(VENV)/.torch setup.py
-	$(PIP) install -q $(TORCH) -e ".[dev,deepspeed,fairseq,plot]"
+	$(PIP) install -q $(TORCH) -e ".[dev,deepspeed,fairseq,plot,efff]"
 	touch $@
 
 # Fashion-MNIST for the eFFF reproduction: a Debian package (needs root); without it those tests skip

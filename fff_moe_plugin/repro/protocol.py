@@ -43,6 +43,9 @@ class Schedule:
     phase2_hardening: float = 3.0
     val_fraction: float = 0.1
     split_seed: int = 0
+    # an "epoch" (the period between validations) covers at least this many training images; a smaller fit
+    # split is cycled, so the 3,600-image MNIST subset gets as many optimizer steps as Fashion-MNIST (54,000)
+    min_epoch_images: int = 54000
     max_steps: int = 0  # > 0: cap on optimizer steps per epoch (tiny test runs only)
     eval_batch: int = 10000
 
@@ -50,7 +53,7 @@ class Schedule:
         for name in ("phase1_epochs", "batch_size", "eval_batch"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"Schedule.{name} = {getattr(self, name)!r} is not allowed: must be an integer >= 1")
-        for name in ("phase2_epochs", "patience", "max_steps", "split_seed"):
+        for name in ("phase2_epochs", "patience", "min_epoch_images", "max_steps", "split_seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"Schedule.{name} = {getattr(self, name)!r} is not allowed: must be an integer >= 0")
         for name in ("lr", "hardening", "balance", "phase2_hardening"):
@@ -100,9 +103,12 @@ def _train_epoch(model, opt, data: SelectionData, schedule: Schedule, gen: torch
     """One pass over the fit split; ``hardening`` None: CE + the FFF's aux_loss, else CE + hardening * H."""
     model.train()
     n = data.fit_y.shape[0]
-    perm = torch.randperm(n, generator=gen)
+    # one shuffled pass, or as many as it takes to reach min_epoch_images (the last one cut short)
+    passes = [torch.randperm(n, generator=gen) for _ in range(max(1, -(-schedule.min_epoch_images // n)))]
+    want = max(n, schedule.min_epoch_images)
+    perm = torch.cat(passes)[:want]
     steps, total = 0, 0.0
-    for i in range(0, n, schedule.batch_size):
+    for i in range(0, want, schedule.batch_size):
         if schedule.max_steps and steps >= schedule.max_steps:
             break
         idx = perm[i:i + schedule.batch_size]
@@ -113,7 +119,7 @@ def _train_epoch(model, opt, data: SelectionData, schedule: Schedule, gen: torch
         loss.backward()
         opt.step()
         steps += 1
-        total += float(loss)
+        total += float(loss.detach())
     return steps, total / max(1, steps)
 
 
@@ -124,7 +130,7 @@ def train_and_select(
     seed: int,
     log: Callable[[str], None] | None = None,
 ) -> SelectionResult:
-    """Train ``model`` in the two phases and leave it holding the best state on the validation split.
+    """Train ``model`` in the two phases; leave it in eval mode holding the best state on validation.
 
     Receives only training-set data (``SelectionData``): every choice (early stopping, the kept
     checkpoint, the state phase 2 starts from) is made on ``data.val_*``.
@@ -161,6 +167,7 @@ def train_and_select(
                 if schedule.patience and since_best >= schedule.patience:
                     break
     model.load_state_dict(best["state"])
+    model.eval()  # the selected model is the deployed function: hard routing
     return SelectionResult(best["acc"], best["phase"], best["epoch"], tuple(epochs_run), steps_total, history)
 
 
@@ -195,10 +202,10 @@ def run_one(
         "epochs_run": list(sel.epochs_run), "steps": sel.steps,
         "leaves": L,
         "leaves_used_train": int((train_counts > 0).sum()),
-        "usage_entropy_bits_train": float(usage_entropy(train_counts)) / math.log(2),
+        "usage_entropy_bits_train": max(0.0, float(usage_entropy(train_counts)) / math.log(2)),
         "leaf_counts_train": [int(c) for c in train_counts],
         "leaf_counts_test": [int(c) for c in test_counts],
-        "master_gate": float(torch.sigmoid(model.fff.master_gate)) if config.master_leaf else None,
+        "master_gate": float(torch.sigmoid(model.fff.master_gate.detach())) if config.master_leaf else None,
         "parameters": config.num_parameters(), "parameters_per_image": config.num_parameters_per_token(),
         "history": sel.history, "seconds": time.perf_counter() - start,
     }

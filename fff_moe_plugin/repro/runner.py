@@ -2,7 +2,8 @@
 
 Each finished run is appended as one JSON line to ``<out>/runs.jsonl``; a restarted reproduction with the
 same schedule skips the runs already there (a run is the unit of resumption: one takes seconds to a
-minute). Seeds are the outer loop, so an interrupted reproduction has the same seeds for every setting.
+minute). Seeds are the outer loop (then grids, settings, variants), so an interrupted reproduction has
+whole seeds of every grid.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .datasets import ImageDataset, load_dataset, split_for_selection
+from .datasets import ImageDataset, SealedTestSet, load_dataset, split_for_selection
 from .model import VARIANTS, Setting
 from .protocol import Schedule, run_one
 
@@ -68,7 +69,7 @@ def load_runs(out: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _check_schedule(out: Path, schedule: Schedule) -> None:
+def check_schedule(out: Path, schedule: Schedule) -> None:
     """A results directory holds runs of one schedule only: refuse to mix."""
     path = out / SCHEDULE_FILE
     if path.is_file():
@@ -103,12 +104,19 @@ def reproduce(
         raise ValueError(f"threads = {threads} is not allowed: must be >= 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_schedule(out, schedule)
+    check_schedule(out, schedule)
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    data_dirs = data_dirs or {}
-    datasets = dict(datasets or {})
+    try:
+        return _run_pending(grids, variants, seeds, schedule, out, data_dirs or {}, verbose, print_fn,
+                            dict(datasets or {}))
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_pending(grids, variants, seeds, schedule, out: Path, data_dirs, verbose, print_fn, datasets) -> list[dict]:
     done = {_run_key(r): r for r in load_runs(out)}
-    todo = [(g, seed, s, v) for g in grids for seed in seeds for s in g.settings for v in variants]
+    todo = [(g, seed, s, v) for seed in seeds for g in grids for s in g.settings for v in variants]
     pending = [t for t in todo if (t[0].key, t[2].leaf_width, t[2].depth, t[3], t[1]) not in done]
     print_fn(f"eFFF reproduction: {len(todo)} runs, {len(todo) - len(pending)} already in {out / RUNS_FILE}")
     start, finished = time.perf_counter(), 0
@@ -123,7 +131,7 @@ def reproduce(
             ds = datasets[g.dataset]
             if g.dataset not in splits:
                 splits[g.dataset], _ = split_for_selection(ds, schedule.val_fraction, schedule.split_seed)
-            _, test = split_for_selection(ds, schedule.val_fraction, schedule.split_seed)  # sealed per run
+            test = SealedTestSet(ds.test_x, ds.test_y)  # sealed afresh for each run, opened once by it
             record = run_one(v, s, seed, splits[g.dataset], test, schedule, log)
             record.update(grid=g.key, dataset=ds.name, dataset_label=ds.label, width=g.width)
             f.write(json.dumps(record) + "\n")
