@@ -41,7 +41,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(VENV)/bin/fff-moe bench --quick
+	$(VENV)/bin/fff-moe compare --out runs/compare
 
 bench: setup
 	$(PY) benchmarks/bench_inference.py

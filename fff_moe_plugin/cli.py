@@ -15,7 +15,12 @@ import sys
 # sub-command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "match": ("match", "print parameter-equal dense, FFF, sigma-MoE and PKM configs and their counts"),
+    "user-dir": ("user_dir", "print the fairseq --user-dir folder of the plugin"),
+    "prepare-ptb": ("prepare_ptb", "Penn Treebank (or your own text files) as a fairseq data-bin"),
+    "compare": ("compare", "train and evaluate dense, FFF, sigma-MoE and PKM language models side by side"),
+    "cpu-ranks": ("cpu_ranks", "start N local CPU ranks of fairseq-train (gloo)"),
     "bench": ("bench", "inference speed of FFF layers against a dense block of the same training width"),
+    "repro-efff": ("repro_efff", "reproduce the eFFF load-balancing and master-leaf tables (Fashion-MNIST, MNIST)"),
 }
 
 

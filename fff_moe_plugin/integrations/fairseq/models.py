@@ -1,0 +1,158 @@
+"""The fairseq models ``transformer_lm_fff``, ``transformer_lm_sigma_moe`` and ``transformer_lm_pkm``.
+
+Each is fairseq's ``transformer_lm`` (every option of it unchanged, including its defaults under
+``--arch <name>``) with the feedforward block of every layer, or of every n-th, replaced by the package's
+block. The flags map one-to-one onto the block config's fields (see ``flags``); bad values fail when the
+model is built, before training starts, with a message naming the flag.
+
+Importing this module registers the models with fairseq; the plugin's ``--user-dir`` folder does it.
+No ``from __future__ import annotations`` here: fairseq reads the dataclass field types at run time.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fairseq.dataclass import ChoiceEnum
+from fairseq.models import register_model
+from fairseq.models.transformer_lm import (
+    DEFAULT_MAX_TARGET_POSITIONS,
+    TransformerLanguageModel,
+    TransformerLanguageModelConfig,
+)
+from fairseq.modules import AdaptiveInput, CharacterTokenEmbedder
+from fairseq.utils import eval_str_list, safe_getattr
+
+from .flags import FAMILIES, Family, layer_plan
+from .layer import BlockDecoder
+
+_UNSET = "unset: the block config's default"
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class FFFLanguageModelConfig(TransformerLanguageModelConfig):
+    fff_variant: ChoiceEnum(["leaf_mlp", "path_neuron"]) = field(
+        default="leaf_mlp", metadata=_help("leaf_mlp: FFF tree of leaf MLPs (FFFConfig); path_neuron: "
+                                           "UltraFastBERT path-neuron tree (UltraFastConfig)"))
+    fff_every: int = field(default=1, metadata=_help("put the tree in every n-th decoder layer (1: all)"))
+    fff_depth: Optional[int] = field(default=None, metadata=_help("tree depth D: 2^D leaves (required)"))
+    fff_leaf_width: Optional[int] = field(
+        default=None, metadata=_help("hidden units of each leaf MLP (leaf_mlp; required)"))
+    fff_activation: Optional[str] = field(
+        default=None, metadata=_help(f"activation of the leaves / neurons: relu, gelu, silu, tanh, sigmoid, "
+                                     f"identity ({_UNSET}: relu for leaf_mlp, gelu for path_neuron)"))
+    fff_no_bias: bool = field(default=False, metadata=_help("no biases in nodes and leaves"))
+    fff_output_bias: bool = field(default=False, metadata=_help("an output bias (path_neuron only)"))
+    fff_train_mode: Optional[str] = field(
+        default=None, metadata=_help(f"leaf_mlp: soft (mixture of all leaves) or hard (one leaf per token, "
+                                     f"same function as inference); path_neuron: masked or sparse ({_UNSET})"))
+    fff_hardening: Optional[float] = field(
+        default=None, metadata=_help(f"weight of the mean node-decision entropy in the loss ({_UNSET}: 0)"))
+    fff_region_leak: Optional[float] = field(
+        default=None, metadata=_help(f"probability of flipping a node decision in training ({_UNSET}: 0)"))
+    fff_leaf_dropout: Optional[float] = field(
+        default=None, metadata=_help(f"dropout on the leaf hidden units in training ({_UNSET}: 0)"))
+    fff_load_balance: Optional[str] = field(
+        default=None, metadata=_help(f"none, leaf (Switch loss with leaves as experts) or node (left/right "
+                                     f"balance at each visited node) ({_UNSET}: none)"))
+    fff_load_balance_coef: Optional[float] = field(
+        default=None, metadata=_help(f"weight of the load-balancing loss ({_UNSET}: 0.01)"))
+    fff_master_leaf: bool = field(
+        default=False, metadata=_help("blend the tree with an always-on master leaf MLP (eFFF)"))
+    fff_master_leaf_width: Optional[int] = field(
+        default=None, metadata=_help(f"hidden units of the master leaf ({_UNSET}: the leaf width)"))
+
+
+@dataclass
+class SigmaMoELanguageModelConfig(TransformerLanguageModelConfig):
+    moe_every: int = field(default=1, metadata=_help("put the sigma-MoE in every n-th decoder layer (1: all)"))
+    moe_n_experts: Optional[int] = field(default=None, metadata=_help("number of experts E (required)"))
+    moe_expert_size: Optional[int] = field(default=None, metadata=_help("hidden units G per expert (required)"))
+    moe_top_k: Optional[int] = field(default=None, metadata=_help(f"experts per token K ({_UNSET}: 4)"))
+    moe_activation: Optional[str] = field(
+        default=None, metadata=_help(f"expert activation: relu, gelu, silu, tanh, sigmoid, identity "
+                                     f"({_UNSET}: relu)"))
+    moe_expert_dropout: Optional[float] = field(
+        default=None, metadata=_help(f"probability of removing an expert before selection ({_UNSET}: 0)"))
+    moe_entropy_coef: Optional[float] = field(
+        default=None, metadata=_help(f"gamma, weight of the selection entropy regulariser ({_UNSET}: 1e-3)"))
+    moe_weight_scale: Optional[float] = field(
+        default=None, metadata=_help(f"w of the initialisation, sqrt(2 / layers) in the paper for pre-LN "
+                                     f"({_UNSET}: 1)"))
+
+
+@dataclass
+class PKMLanguageModelConfig(TransformerLanguageModelConfig):
+    pkm_every: int = field(default=1, metadata=_help("put the PKM in every n-th decoder layer (1: all)"))
+    pkm_n_keys: Optional[int] = field(
+        default=None, metadata=_help("sub-keys per half: n_keys^2 value slots (required)"))
+    pkm_n_heads: Optional[int] = field(default=None, metadata=_help(f"heads ({_UNSET}: 4)"))
+    pkm_knn: Optional[int] = field(default=None, metadata=_help(f"value slots read per head ({_UNSET}: 128)"))
+    pkm_score_activation: Optional[str] = field(
+        default=None, metadata=_help(f"relu or softmax over the selected scores ({_UNSET}: relu)"))
+
+
+class BlockLanguageModel(TransformerLanguageModel):
+    """fairseq's transformer language model with the package's blocks as feedforward layers.
+
+    The decoder returns the blocks' outputs in ``extra["block_outputs"]``; train with the criterion
+    ``cross_entropy_fff``, which adds their auxiliary losses (a plain criterion trains without them).
+    """
+
+    family: Family
+
+    @classmethod
+    def build_model(cls, args, task):
+        # validate the block flags first: a bad value fails here, before any weight is allocated
+        plan = layer_plan(args, cls.family)
+        if safe_getattr(args, "checkpoint_activations", False) or safe_getattr(args, "offload_activations", False):
+            raise ValueError("--checkpoint-activations is not supported by the block models: the blocks' "
+                             "auxiliary losses are returned beside the layer outputs")
+        if args.decoder_layers_to_keep:
+            args.decoder_layers = len(args.decoder_layers_to_keep.split(","))
+        if safe_getattr(args, "max_target_positions", None) is None:
+            args.max_target_positions = safe_getattr(args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
+        # token embeddings exactly as TransformerLanguageModel.build_model chooses them
+        if args.character_embeddings:
+            embed_tokens = CharacterTokenEmbedder(
+                task.source_dictionary, eval(args.character_filters), args.character_embedding_dim,
+                args.decoder_embed_dim, args.char_embedder_highway_layers,
+            )
+        elif args.adaptive_input:
+            embed_tokens = AdaptiveInput(
+                len(task.source_dictionary), task.source_dictionary.pad(), args.decoder_input_dim,
+                args.adaptive_input_factor, args.decoder_embed_dim,
+                eval_str_list(args.adaptive_input_cutoff, type=int), args.quant_noise_pq,
+                args.quant_noise_pq_block_size,
+            )
+        else:
+            embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
+        decoder = BlockDecoder(args, task.target_dictionary, embed_tokens, plan, no_encoder_attn=True)
+        return cls(decoder)
+
+
+@register_model("transformer_lm_fff", dataclass=FFFLanguageModelConfig)
+class FFFLanguageModel(BlockLanguageModel):
+    """Transformer LM with fast feedforward trees (Belcak & Wattenhofer, arXiv 2308.14711 / 2311.10770)."""
+
+    family = FAMILIES["fff"]
+
+
+@register_model("transformer_lm_sigma_moe", dataclass=SigmaMoELanguageModelConfig)
+class SigmaMoELanguageModel(BlockLanguageModel):
+    """Transformer LM with sigma-MoE feedforward blocks (Csordas, Irie & Schmidhuber, arXiv 2310.10837)."""
+
+    family = FAMILIES["sigma_moe"]
+
+
+@register_model("transformer_lm_pkm", dataclass=PKMLanguageModelConfig)
+class PKMLanguageModel(BlockLanguageModel):
+    """Transformer LM with product-key memories as feedforward blocks (Lample et al. 2019)."""
+
+    family = FAMILIES["pkm"]
+
+
+MODELS = {"fff": FFFLanguageModel, "sigma_moe": SigmaMoELanguageModel, "pkm": PKMLanguageModel}

@@ -1,0 +1,149 @@
+"""End to end with the real fairseq tools: fairseq-preprocess, fairseq-train (1 and 2 processes),
+fairseq-eval-lm and hub reloading, on a data-bin built here from generated text (width 16, 2 layers)."""
+
+import json
+import random
+import re
+import subprocess
+
+import pytest
+import torch
+
+pytest.importorskip("fairseq", reason="needs fairseq: pip install 'fff-moe-plugin[fairseq]'")
+
+from fff_moe_plugin.integrations.fairseq import user_dir  # noqa: E402
+from fff_moe_plugin.integrations.fairseq.data_bin import fairseq_command, make_data_bin  # noqa: E402
+from fff_moe_plugin.integrations.fairseq.launch import run_ranks  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ARCHS = {
+    "fff": ["--arch", "transformer_lm_fff", "--fff-depth", "2", "--fff-leaf-width", "8", "--fff-hardening", "0.1",
+            "--fff-load-balance", "leaf", "--fff-master-leaf"],
+    "sigma_moe": ["--arch", "transformer_lm_sigma_moe", "--moe-n-experts", "4", "--moe-expert-size", "8",
+                  "--moe-top-k", "2"],
+    "pkm": ["--arch", "transformer_lm_pkm", "--pkm-n-keys", "4", "--pkm-knn", "4"],
+}
+TINY = ["--decoder-embed-dim", "16", "--decoder-layers", "2", "--decoder-attention-heads", "2",
+        "--decoder-ffn-embed-dim", "32", "--decoder-normalize-before"]
+TRAIN = ["--task", "language_modeling", "--criterion", "cross_entropy_fff", "--optimizer", "adam", "--lr", "0.01",
+         "--tokens-per-sample", "16", "--sample-break-mode", "none", "--max-tokens", "256", "--seed", "3",
+         "--log-format", "json", "--log-interval", "1", "--num-workers", "0", "--disable-validation",
+         "--no-epoch-checkpoints"]
+
+
+def _text(n_lines: int, seed: int) -> str:
+    rng = random.Random(seed)
+    subjects, verbs, objects = ["the cat", "a dog", "my bird"], ["sees", "likes", "eats"], ["fish", "a ball", "rice"]
+    return "".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} .\n" for _ in range(n_lines))
+
+
+@pytest.fixture(scope="module")
+def data_bin(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm")
+    return make_data_bin({"train": _text(1500, 0), "valid": _text(100, 1), "test": _text(100, 2)}, out)
+
+
+def train(data_bin, save_dir, *args, cpu=True):
+    cmd = fairseq_command("train") + [str(data_bin), "--user-dir", user_dir(), "--save-dir", str(save_dir),
+                                      *TRAIN, *TINY, *args] + (["--cpu"] if cpu else [])
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert done.returncode == 0, done.stdout[-4000:]
+    return done.stdout
+
+
+def inner_logs(log: str) -> list[dict]:
+    return [json.loads(m.group(1)) for m in re.finditer(r"\| train_inner \| (\{.*\})", log)]
+
+
+@pytest.fixture(scope="module")
+def trained(data_bin, tmp_path_factory):
+    """Each architecture trained once for 12 updates: {name: (log, save_dir)}."""
+    runs = {}
+    for name, flags in ARCHS.items():
+        save = tmp_path_factory.mktemp(name)
+        runs[name] = (train(data_bin, save, *flags, "--max-update", "12"), save)
+    return runs
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_architecture_trains_loss_drops_and_eval_lm_reads_the_checkpoint(data_bin, trained, name):
+    log, save = trained[name]
+    logs = inner_logs(log)
+    assert len(logs) == 12
+    assert float(logs[-1]["nll_loss"]) < float(logs[0]["nll_loss"]) - 0.5
+    assert "usage_entropy" in logs[-1] and "unused" in logs[-1]
+    if name == "fff":
+        assert float(logs[-1]["aux_loss"]) > 0 and "aux_load_balance" in logs[-1]
+    cmd = fairseq_command("eval_lm") + [str(data_bin), "--path", str(save / "checkpoint_last.pt"), "--user-dir",
+                                        user_dir(), "--gen-subset", "test", "--tokens-per-sample", "16",
+                                        "--max-tokens", "256", "--cpu", "--num-workers", "0"]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert done.returncode == 0, done.stdout[-3000:]
+    ppl = float(re.search(r"Perplexity: ([\d.]+)", done.stdout).group(1))
+    vocab = len((data_bin / "dict.txt").read_text().splitlines())
+    assert 1.0 < ppl < vocab  # better than uniform over the words
+
+
+def test_checkpoint_reloads_with_from_pretrained_and_samples(data_bin, trained):
+    from fairseq.models.transformer_lm import TransformerLanguageModel
+
+    from fff_moe_plugin.integrations.fairseq.models import FFFLanguageModel
+
+    _, save = trained["fff"]
+    lm = TransformerLanguageModel.from_pretrained(str(save), "checkpoint_last.pt", data_name_or_path=str(data_bin),
+                                                  user_dir=user_dir())
+    assert isinstance(lm.models[0], FFFLanguageModel)
+    ckpt = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    for k, v in lm.models[0].state_dict().items():
+        torch.testing.assert_close(v, ckpt["model"][k])
+    # sampling with fairseq's SequenceGenerator through the task, as fairseq-generate does (the hub's own
+    # .sample() builds a break-mode "eos" dataset, which fairseq 0.12 cannot do under numpy 2: np.compat)
+    from fairseq import search
+    from fairseq.sequence_generator import SequenceGenerator
+
+    d = lm.task.target_dictionary
+    prompt = torch.tensor([[d.eos()] + [d.index(w) for w in "the cat".split()]])
+    generator = SequenceGenerator(lm.models, d, beam_size=1, max_len_b=6,
+                                  search_strategy=search.Sampling(d, sampling_topk=5))
+    hypo = lm.task.inference_step(generator, lm.models, {"net_input": {"src_tokens": prompt,
+                                                                      "src_lengths": torch.tensor([3])}})[0][0]
+    words = d.string(hypo["tokens"]).split()
+    assert words[:2] == ["the", "cat"] and len(words) > 2
+
+
+def test_interrupted_training_resumes_to_the_same_parameters(data_bin, tmp_path):
+    flags = [*ARCHS["fff"], "--fff-region-leak", "0.1", "--dropout", "0.1", "--save-interval-updates", "3"]
+    train(data_bin, tmp_path / "whole", *flags, "--max-update", "8")
+    train(data_bin, tmp_path / "split", *flags, "--max-update", "4")  # stops mid-epoch, as an interruption would
+    log = train(data_bin, tmp_path / "split", *flags, "--max-update", "8")
+    assert re.search(r"Loaded checkpoint \S*checkpoint_last\.pt \(epoch 1 @ 4 updates\)", log)
+    a = torch.load(tmp_path / "whole" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    b = torch.load(tmp_path / "split" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert a["optimizer_history"][-1]["num_updates"] == b["optimizer_history"][-1]["num_updates"] == 8
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+
+
+def test_bad_flag_fails_fairseq_train_at_start_up_naming_the_flag(data_bin, tmp_path):
+    cmd = fairseq_command("train") + [str(data_bin), "--user-dir", user_dir(), "--save-dir", str(tmp_path), *TRAIN,
+                                      *TINY, "--cpu", "--arch", "transformer_lm_fff", "--fff-depth", "-2",
+                                      "--fff-leaf-width", "8", "--max-update", "3"]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert done.returncode != 0
+    assert "--fff-depth -2 is not allowed" in done.stdout
+    assert "train_inner" not in done.stdout and not list(tmp_path.glob("*.pt"))
+
+
+def test_two_cpu_processes_train_and_log_metrics_merged_over_ranks(data_bin, tmp_path, capfd):
+    args = [str(data_bin), "--user-dir", user_dir(), "--save-dir", str(tmp_path / "ckpt"), *TRAIN, *TINY,
+            *ARCHS["fff"], "--max-update", "3"]
+    assert run_ranks(args, 2, log_dir=str(tmp_path)) == 0
+    logs = inner_logs(capfd.readouterr().out)
+    assert len(logs) == 3
+    # each rank reads --max-tokens 256; the logged batch is both ranks' tokens, and the routing statistics
+    # come from counts summed over both
+    assert all(float(entry["wpb"]) == 512 for entry in logs)
+    assert all("usage_entropy" in entry for entry in logs)
+    assert (tmp_path / "ckpt" / "checkpoint_last.pt").is_file()
