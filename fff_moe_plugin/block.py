@@ -49,9 +49,17 @@ def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
 
 
 class FeedForwardBlock(nn.Module):
-    """Base class: input checking and flattening shared by the blocks."""
+    """Base class: the config check, input checking and flattening shared by the blocks."""
 
-    config: BlockConfig
+    config_class: type[BlockConfig] = BlockConfig
+
+    def __init__(self, config: BlockConfig):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}"
+            )
+        self.config = config
 
     def _flatten_input(self, x: Tensor) -> Tensor:
         """Check ``x`` against the config and return it as [S, d]."""

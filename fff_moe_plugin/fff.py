@@ -42,10 +42,7 @@ class FFF(FeedForwardBlock):
     config_class = FFFConfig
 
     def __init__(self, config: FFFConfig):
-        super().__init__()
-        if not isinstance(config, FFFConfig):
-            raise TypeError(f"FFF takes an FFFConfig, got {type(config).__name__}")
-        self.config = config
+        super().__init__(config)
         c = config
         d, l, o, N, L = c.d_model, c.leaf_width, c.d_out, c.n_nodes, c.n_leaves
         self.act = activation_fn(c.activation)

@@ -33,10 +33,7 @@ class UltraFastFFF(FeedForwardBlock):
     config_class = UltraFastConfig
 
     def __init__(self, config: UltraFastConfig):
-        super().__init__()
-        if not isinstance(config, UltraFastConfig):
-            raise TypeError(f"UltraFastFFF takes an UltraFastConfig, got {type(config).__name__}")
-        self.config = config
+        super().__init__(config)
         c = config
         N, d, o = c.n_neurons, c.d_model, c.d_out
         self.act = activation_fn(c.activation)

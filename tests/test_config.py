@@ -97,3 +97,12 @@ def test_parameters_per_token_of_fff():
     # 3 nodes of 10 weights + 1 bias, one leaf: 10*4 + 4 + 4*6 + 6
     assert c.num_parameters_per_token() == 3 * 11 + 40 + 4 + 24 + 6
     assert c.training_width == 32
+
+
+def test_block_refuses_another_blocks_config():
+    from fff_moe_plugin import FFF, PKM
+
+    with pytest.raises(TypeError, match="FFF takes a FFFConfig, got DenseConfig"):
+        FFF(DenseConfig(d_model=4, d_ff=4))
+    with pytest.raises(TypeError, match="PKM takes a PKMConfig"):
+        PKM(FFFConfig(d_model=4, leaf_width=2, depth=1))

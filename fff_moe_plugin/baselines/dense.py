@@ -19,10 +19,7 @@ class DenseFFN(FeedForwardBlock):
     config_class = DenseConfig
 
     def __init__(self, config: DenseConfig):
-        super().__init__()
-        if not isinstance(config, DenseConfig):
-            raise TypeError(f"DenseFFN takes a DenseConfig, got {type(config).__name__}")
-        self.config = config
+        super().__init__(config)
         self.act = activation_fn(config.activation)
         self.fc1 = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
         self.fc2 = nn.Linear(config.d_ff, config.d_out, bias=config.bias)

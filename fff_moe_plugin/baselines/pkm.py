@@ -26,10 +26,7 @@ class PKM(FeedForwardBlock):
     config_class = PKMConfig
 
     def __init__(self, config: PKMConfig):
-        super().__init__()
-        if not isinstance(config, PKMConfig):
-            raise TypeError(f"PKM takes a PKMConfig, got {type(config).__name__}")
-        self.config = config
+        super().__init__(config)
         c = config
         half = c.d_model // 2
         k = 1.0 / math.sqrt(half)

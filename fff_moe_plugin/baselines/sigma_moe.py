@@ -28,10 +28,7 @@ class SigmaMoE(FeedForwardBlock):
     config_class = SigmaMoEConfig
 
     def __init__(self, config: SigmaMoEConfig):
-        super().__init__()
-        if not isinstance(config, SigmaMoEConfig):
-            raise TypeError(f"SigmaMoE takes a SigmaMoEConfig, got {type(config).__name__}")
-        self.config = config
+        super().__init__(config)
         c = config
         E, G, d, o, w = c.n_experts, c.expert_size, c.d_model, c.d_out, c.weight_scale
         self.act = activation_fn(c.activation)

@@ -85,9 +85,7 @@ class TutelFFF(FeedForwardBlock):
         scan_expert_func: Callable[[str, nn.Parameter], None] | None = None,
         init_from: FFF | None = None,
     ):
-        super().__init__()
-        if not isinstance(config, FFFConfig):
-            raise TypeError(f"TutelFFF takes an FFFConfig, got {type(config).__name__}")
+        super().__init__(config)
         if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or not math.isfinite(
             capacity_factor
         ):
@@ -107,7 +105,6 @@ class TutelFFF(FeedForwardBlock):
             )
         if init_from is not None and (not isinstance(init_from, FFF) or init_from.config != config):
             raise ValueError("TutelFFF: init_from must be an FFF with the same config")
-        self.config = config
         self.capacity_factor = float(capacity_factor)
         self.world_size, self.rank = W, rank
         self.act = activation_fn(c.activation)
