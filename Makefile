@@ -1,5 +1,5 @@
 # Set-up and the project's jobs. Every target creates .venv when it is missing and installs what it needs.
-#   make demo   the side-by-side comparison (small default, a few minutes on 2 CPU cores)
+#   make demo   the side-by-side comparison (small default, about 12 minutes on 2 CPU cores)
 #   make test   the test suite
 #   make lint   ruff
 

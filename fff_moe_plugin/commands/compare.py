@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--setting", default="ptb_tiny",
                    help="preset size: ptb_tiny (default, CPU minutes), wt103_small, wt103_big, enwik8")
     p.add_argument("--max-update", type=int, default=150,
-                   help="training updates per model (default 150: about 15 minutes for all six on 2 CPU cores)")
+                   help="training updates per model (default 150: about 12 minutes for all six on 2 CPU cores)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply the training updates (e.g. 10 for a longer, more telling run)")
     p.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch (default 4096)")
