@@ -132,7 +132,7 @@ def core_reference(world, config):
     return outs, auxes, leaf, shared, evals
 
 
-def close(a, b):
+def assert_near(a, b):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -142,14 +142,14 @@ def test_tutel_fff_equals_core_fff_in_hard_mode_outputs_and_gradients(world, tmp
     ranks = run(world, config, 0.0, tmp_path)  # dropless: nothing dropped
     outs, auxes, leaf, shared, evals = core_reference(world, config)
     for r, res in enumerate(ranks):
-        close(res["output"], outs[r])
-        close(res["aux"], auxes[r])
+        assert_near(res["output"], outs[r])
+        assert_near(res["aux"], auxes[r])
         assert res["dropped"].item() == 0
         for got, want in zip(res["leaf_grads"], leaf):  # this rank's leaves get every rank's tokens' gradient
-            close(got, want[res["leaves"]])
+            assert_near(got, want[res["leaves"]])
         # eval: adaptive_r 1 (all-to-all) and 0 (leaves gathered) give the core function
-        close(res["eval_r1"], evals[r])
-        close(res["eval_r0"], evals[r])
+        assert_near(res["eval_r1"], evals[r])
+        assert_near(res["eval_r0"], evals[r])
         # checkpoint round trip and conversion back to the core layer
         assert res["fresh_differs"]
         assert torch.equal(res["reloaded"], res["eval_r1"])
@@ -157,7 +157,7 @@ def test_tutel_fff_equals_core_fff_in_hard_mode_outputs_and_gradients(world, tmp
     assert sorted(j for res in ranks for j in res["leaves"]) == list(range(config.n_leaves))
     # nodes and master leaf are replicated: their gradients, summed over ranks, are the core's
     for i, want in enumerate(shared):
-        close(sum(res["shared_grads"][i] for res in ranks), want)
+        assert_near(sum(res["shared_grads"][i] for res in ranks), want)
     if world > 1:
         assert all(res["depth0_refused"] for res in ranks)
 
@@ -188,7 +188,7 @@ def test_capped_capacity_drops_beyond_capacity_and_counts_them(world, tmp_path):
     total = 0
     for r, res in enumerate(ranks):
         want, dropped = expected_capped(config, x[r * TOKENS:(r + 1) * TOKENS], capacity)
-        close(res["output"], want)
+        assert_near(res["output"], want)
         assert res["dropped"].item() == dropped
         total += dropped
     assert total > 0  # the case really drops
@@ -203,12 +203,12 @@ def test_dropless_and_negative_factor_capacity(tmp_path):
     for factor in (0.0, -100.0):  # 0: dropless; -100: dropless up to 100x the even share, never reached here
         layer = TutelFFF.from_fff(core, capacity_factor=factor).eval()
         out = layer(x)
-        close(out.output, want)
+        assert_near(out.output, want)
         assert out.stats["dropped"].item() == 0
     # -0.5: dropless up to half the even share, i.e. the same cap as +0.5
     capped, dropped = expected_capped(config, x, int(0.5 * -(-TOKENS // config.n_leaves)))
     out = TutelFFF.from_fff(core, capacity_factor=-0.5).eval()(x)
-    close(out.output, capped)
+    assert_near(out.output, capped)
     assert out.stats["dropped"].item() == dropped > 0
 
 
@@ -219,17 +219,17 @@ def test_soft_training_mixes_every_leaf_like_the_core_soft_forward():
     layer = TutelFFF.from_fff(core)
     x, grad = data(1)
     a, b = core(x), layer(x)
-    close(b.output, a.output)
-    close(b.aux_loss, a.aux_loss)
+    assert_near(b.output, a.output)
+    assert_near(b.aux_loss, a.aux_loss)
     ((a.output * grad).sum() + a.aux_loss).backward()
     ((b.output * grad).sum() + b.aux_loss).backward()
     for got, want in zip(leaf_grads(layer), [core.leaf_w1.grad, core.leaf_b1.grad, core.leaf_w2.grad,
                                              core.leaf_b2.grad]):
-        close(got, want)
-    close(layer.gate.node_weight.grad, core.node_weight.grad)
+        assert_near(got, want)
+    assert_near(layer.gate.node_weight.grad, core.node_weight.grad)
     core.eval()
     layer.eval()  # a soft-trained tree evaluates by descent, leaf output unscaled
-    close(layer(x).output, core(x).output)
+    assert_near(layer(x).output, core(x).output)
 
 
 def test_bad_arguments_are_refused_with_the_allowed_values():
