@@ -140,20 +140,23 @@ class FFFMoE(MoE):
         """Copy a core FFF's weights (nodes, this rank's leaves, master leaf) into this layer."""
         if fff.config != self.config:
             raise ValueError(f"configs differ: this layer has {self.config}, the FFF has {fff.config}")
-        g = self.gate
-        g.node_weight.copy_(fff.node_weight)
-        if g.node_bias is not None:
-            g.node_bias.copy_(fff.node_bias)
+        for mine, theirs in self._shared_pairs(fff):
+            mine.copy_(theirs.reshape(mine.shape))
         for local, j in enumerate(self.local_leaves):
             self._copy_leaf(self.deepspeed_moe.experts.deepspeed_experts[local], fff, j)
+
+    def _shared_pairs(self, fff: FFF) -> list[tuple[Tensor, Tensor]]:
+        """(this layer's, the core FFF's) parameter for everything but the leaves: nodes and master leaf."""
+        g = self.gate
+        pairs = [(g.node_weight, fff.node_weight)]
+        if g.node_bias is not None:
+            pairs.append((g.node_bias, fff.node_bias))
         if self.config.master_leaf:
             m = self.master
-            m.w1.copy_(fff.master_w1)
-            m.w2.copy_(fff.master_w2)
+            pairs += [(m.w1, fff.master_w1), (m.w2, fff.master_w2), (self.master_gate, fff.master_gate)]
             if m.b1 is not None:
-                m.b1.copy_(fff.master_b1)
-                m.b2.copy_(fff.master_b2)
-            self.master_gate.copy_(fff.master_gate.reshape(1))
+                pairs += [(m.b1, fff.master_b1), (m.b2, fff.master_b2)]
+        return pairs
 
     @staticmethod
     def _copy_leaf(leaf: FFFLeaf, fff: FFF, j: int) -> None:
@@ -169,10 +172,8 @@ class FFFMoE(MoE):
         expert-parallel group (a collective: call it on every rank of the group)."""
         dtype = self.gate.node_weight.dtype
         fff = FFF(self.config).to(dtype)
-        g = self.gate
-        fff.node_weight.copy_(g.node_weight)
-        if g.node_bias is not None:
-            fff.node_bias.copy_(g.node_bias)
+        for mine, theirs in self._shared_pairs(fff):
+            theirs.copy_(mine.reshape(theirs.shape))
         names = ["w1", "b1", "w2", "b2"] if self.config.bias else ["w1", "w2"]
         leaves = self.deepspeed_moe.experts.deepspeed_experts
         for name in names:
@@ -182,14 +183,6 @@ class FFFMoE(MoE):
                 torch.distributed.all_gather(parts, local.contiguous(), group=self.deepspeed_moe.ep_group)
                 local = torch.cat(parts)
             getattr(fff, f"leaf_{name}").copy_(local)
-        if self.config.master_leaf:
-            m = self.master
-            fff.master_w1.copy_(m.w1)
-            fff.master_w2.copy_(m.w2)
-            if m.b1 is not None:
-                fff.master_b1.copy_(m.b1)
-                fff.master_b2.copy_(m.b2)
-            fff.master_gate.copy_(self.master_gate.reshape(()))
         return fff.train(self.training)
 
 
