@@ -18,7 +18,7 @@ from fairseq import options, tasks, utils  # noqa: E402
 from fairseq.logging import metrics  # noqa: E402
 
 from fff_moe_plugin.integrations.fairseq import user_dir  # noqa: E402
-from fff_moe_plugin.integrations.fairseq.flags import FAMILIES  # noqa: E402
+from fff_moe_plugin.integrations.fairseq.flags import DISPATCH_ATTRS, FAMILIES  # noqa: E402
 from fff_moe_plugin.losses import usage_entropy  # noqa: E402
 
 TINY = ["--decoder-embed-dim", "16", "--decoder-layers", "2", "--decoder-attention-heads", "2",
@@ -88,6 +88,8 @@ def test_every_config_field_has_exactly_one_flag_with_help(family, model):
     expected = {fam.attr(name) for name in fam.fields()} | {fam.every_attr}
     if len(fam.variants) > 1:
         expected.add(fam.variant_attr)
+    if family == "fff":
+        expected |= set(DISPATCH_ATTRS)
     assert set(own) == expected
     assert all(f.metadata.get("help") for f in own.values())
 

@@ -18,9 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...config import BlockConfig, FFFConfig, PKMConfig, SigmaMoEConfig, UltraFastConfig
+from .sharded import BACKENDS, ShardSpec, world
 
 # fields every family takes from the transformer, never from a flag of its own
 SHARED_FIELDS = ("d_model", "d_out")
+# flags of the FFF family that choose how the blocks are dispatched, not what they compute (``shard_spec``)
+DISPATCH_ATTRS = ("fff_backend", "fff_ep_size", "fff_capacity_factor")
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,30 @@ def layer_plan(args: Any, family: Family) -> list[BlockConfig | None]:
     config = block_config(args, family)
     n = every(args, family, n_layers)
     return [config if (i + 1) % n == 0 else None for i in range(n_layers)]
+
+
+def shard_spec(args: Any, family: Family) -> ShardSpec | None:
+    """How the FFF blocks are dispatched (``--fff-backend``, ``--fff-ep-size``, ``--fff-capacity-factor``);
+    None for the core layer (the whole tree on every rank) and for the other families."""
+    if family.name != "fff":
+        return None
+    backend = _get(args, "fff_backend") or "core"
+    if backend not in BACKENDS:
+        raise ValueError(f"--fff-backend {backend!r} is not allowed: must be one of {', '.join(BACKENDS)}")
+    ep_size = _get(args, "fff_ep_size")
+    capacity = _get(args, "fff_capacity_factor")
+    capacity = 0.0 if capacity is None else capacity
+    if backend == "core":
+        if ep_size not in (None, 1) or capacity != 0:
+            raise ValueError("--fff-ep-size and --fff-capacity-factor apply to --fff-backend deepspeed or tutel; "
+                             "the core backend keeps the whole tree on every rank")
+        return None
+    if variant(args, family) != "leaf_mlp":
+        raise ValueError(f"--fff-backend {backend} is not allowed with --fff-variant {variant(args, family)}: the "
+                         "sharded backends dispatch leaf MLPs (leaf_mlp); path_neuron trains with --fff-backend core")
+    if ep_size is None:
+        ep_size = world()[0]
+    return ShardSpec(str(backend), ep_size, capacity)
 
 
 def counts_size(config: BlockConfig) -> int:

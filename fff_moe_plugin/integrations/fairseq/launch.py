@@ -3,7 +3,9 @@
 fairseq's own spawning and the torchrun path assume CUDA devices on a CPU machine, so each rank is started
 as its own process with ``--distributed-no-spawn`` and an explicit rank, as FACTS.md records; ``legacy_ddp``
 is used because PyTorch's DDP refuses ``device_ids`` on CPU modules (and it skips parameters tagged
-``param.expert = True`` in its all-reduce).
+``param.expert = True`` in its all-reduce). ``--load-checkpoint-on-all-dp-ranks`` is added unless given: fairseq
+0.12 otherwise broadcasts the checkpoint rank 0 read and unpickles it with ``torch.load``'s weights-only default
+(torch >= 2.6), which refuses the DictConfig in it, so a resumed multi-rank run would fail.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def rank_commands(train_args: list[str], nprocs: int, port: int) -> list[list[st
     common = ["--cpu", "--distributed-world-size", str(nprocs), "--distributed-backend", "gloo",
               "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn", "--device-id", "0",
               "--ddp-backend", "legacy_ddp"]
+    if "--load-checkpoint-on-all-dp-ranks" not in train_args:
+        common.append("--load-checkpoint-on-all-dp-ranks")
     return [fairseq_command("train") + list(train_args) + common + ["--distributed-rank", str(r)]
             for r in range(nprocs)]
 

@@ -17,8 +17,9 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from torch import Tensor, nn
 
 from ...block import BlockOutput, build_block
-from ...config import BlockConfig
+from ...config import BlockConfig, FFFConfig
 from .flags import counts_size
+from .sharded import ShardedFFF, ShardSpec
 
 
 class BlockDecoderLayer(TransformerDecoderLayerBase):
@@ -31,13 +32,15 @@ class BlockDecoderLayer(TransformerDecoderLayerBase):
     The block's output tuple goes to ``sink`` (a dict the decoder provides for the duration of one forward).
     """
 
-    def __init__(self, cfg: TransformerConfig, block: BlockConfig, index: int, no_encoder_attn: bool = False):
+    def __init__(self, cfg: TransformerConfig, block: BlockConfig, index: int, no_encoder_attn: bool = False,
+                 shard: Optional[ShardSpec] = None):
         if getattr(cfg, "scale_fc", False):
             raise ValueError("--scale-fc normalises the hidden units of the dense feedforward block; the "
                              f"{block.kind} block has none: drop --scale-fc")
         super().__init__(cfg, no_encoder_attn)
         self.index = index
-        self.ffn = build_block(block)
+        sharded = shard is not None and isinstance(block, FFFConfig)
+        self.ffn = ShardedFFF(block, shard) if sharded else build_block(block)
         self.activation_fn = self.feedforward
         self.activation_dropout_module = FairseqDropout(0.0, module_name=type(self).__name__)
         self.sink: Optional[dict[int, BlockOutput]] = None
@@ -64,9 +67,11 @@ class BlockDecoder(TransformerDecoder):
     for every block layer, so that statistics keep one shape even when LayerDrop skips a layer.
     """
 
-    def __init__(self, args, dictionary, embed_tokens, plan: list[Optional[BlockConfig]], no_encoder_attn=False):
+    def __init__(self, args, dictionary, embed_tokens, plan: list[Optional[BlockConfig]], no_encoder_attn=False,
+                 shard: Optional[ShardSpec] = None):
         # fairseq's __init__ calls build_decoder_layer once per layer, in order: the plan is read there
         self._plan = list(plan)
+        self._shard = shard
         self._built = 0
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
         self.block_slots = {i: counts_size(c) for i, c in enumerate(plan) if c is not None}
@@ -77,7 +82,7 @@ class BlockDecoder(TransformerDecoder):
         block = self._plan[index] if index < len(self._plan) else None
         if block is None:
             return super().build_decoder_layer(args, no_encoder_attn)
-        return BlockDecoderLayer(TransformerConfig.from_namespace(args), block, index, no_encoder_attn)
+        return BlockDecoderLayer(TransformerConfig.from_namespace(args), block, index, no_encoder_attn, self._shard)
 
     def block_layers(self) -> list[BlockDecoderLayer]:
         return [m for m in self.layers if isinstance(m, BlockDecoderLayer)]

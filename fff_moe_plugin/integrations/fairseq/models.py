@@ -22,8 +22,9 @@ from fairseq.models.transformer_lm import (
 from fairseq.modules import AdaptiveInput, CharacterTokenEmbedder
 from fairseq.utils import eval_str_list, safe_getattr
 
-from .flags import FAMILIES, Family, layer_plan
+from .flags import FAMILIES, Family, layer_plan, shard_spec
 from .layer import BlockDecoder
+from .sharded import check_spec
 
 _UNSET = "unset: the block config's default"
 
@@ -64,6 +65,17 @@ class FFFLanguageModelConfig(TransformerLanguageModelConfig):
         default=False, metadata=_help("blend the tree with an always-on master leaf MLP (eFFF)"))
     fff_master_leaf_width: Optional[int] = field(
         default=None, metadata=_help(f"hidden units of the master leaf ({_UNSET}: the leaf width)"))
+    fff_backend: ChoiceEnum(["core", "deepspeed", "tutel"]) = field(
+        default="core", metadata=_help("core: the whole tree on every rank (data parallel); deepspeed / tutel: the "
+                                       "leaves sharded over --fff-ep-size ranks through DeepSpeed's or Tutel's MoE "
+                                       "dispatch (needs --ddp-backend legacy_ddp; leaf_mlp only)"))
+    fff_ep_size: Optional[int] = field(
+        default=None, metadata=_help("ranks sharing the leaves of one tree with --fff-backend deepspeed / tutel "
+                                     "(default: all ranks)"))
+    fff_capacity_factor: float = field(
+        default=0.0, metadata=_help("with --fff-backend deepspeed / tutel: 0 is dropless (the core layer's "
+                                    "function); c > 0 caps each leaf at about c * tokens / leaves tokens per rank "
+                                    "and drops the rest"))
 
 
 @dataclass
@@ -108,6 +120,11 @@ class BlockLanguageModel(TransformerLanguageModel):
     def build_model(cls, args, task):
         # validate the block flags first: a bad value fails here, before any weight is allocated
         plan = layer_plan(args, cls.family)
+        shard = shard_spec(args, cls.family)
+        if shard is not None:
+            for config in plan:
+                if config is not None:
+                    check_spec(config, shard)
         if safe_getattr(args, "checkpoint_activations", False) or safe_getattr(args, "offload_activations", False):
             raise ValueError("--checkpoint-activations is not supported by the block models: the blocks' "
                              "auxiliary losses are returned beside the layer outputs")
@@ -130,7 +147,7 @@ class BlockLanguageModel(TransformerLanguageModel):
             )
         else:
             embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
-        decoder = BlockDecoder(args, task.target_dictionary, embed_tokens, plan, no_encoder_attn=True)
+        decoder = BlockDecoder(args, task.target_dictionary, embed_tokens, plan, no_encoder_attn=True, shard=shard)
         return cls(decoder)
 
 

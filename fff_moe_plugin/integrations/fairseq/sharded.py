@@ -1,0 +1,272 @@
+"""An FFF block for fairseq whose leaves are sharded over ranks by DeepSpeed's or Tutel's MoE dispatch.
+
+``--fff-backend deepspeed`` holds the tree as :class:`~fff_moe_plugin.integrations.deepspeed.FFFMoE` (DeepSpeed's
+``MoE`` layer, its all-to-all and expert-parallel groups), ``--fff-backend tutel`` as
+:class:`~fff_moe_plugin.integrations.tutel.TutelFFF` (Tutel's ``moe_layer``). Either way:
+
+- **Layout.** Consecutive ranks form an expert-parallel group of ``ep_size`` ranks sharing the ``2**depth``
+  leaves (DeepSpeed's default layout); ranks with the same position in their groups form the leaves'
+  expert-data-parallel group. The nodes and the master leaf are replicated like any dense parameter.
+- **Gradients.** fairseq's ``legacy_ddp`` all-reduces every gradient except those of parameters tagged
+  ``param.expert = True``, and the trainer then multiplies all gradients by ``world_size / sample_size``.
+  The leaves are tagged; a gradient hook divides a leaf's gradient by the data-parallel world size (the
+  average ``legacy_ddp`` would have taken) and sums it over the expert-data-parallel group when that has more
+  than one rank. The result is the gradient of the data-parallel run with the whole tree on every rank.
+- **Checkpoints.** The state dict is the core :class:`~fff_moe_plugin.fff.FFF`'s (``node_weight``,
+  ``leaf_w1`` ``[L, d, l]``, ...), the leaves gathered from the expert-parallel group, so a checkpoint does not
+  depend on the backend or ``ep_size``: ``fairseq-eval-lm``, sampling and the hub load it in one process.
+  Gathering is a collective: with ``ep_size > 1`` the state dict must be taken on every rank of the group
+  inside :func:`gathering` (the plugin's trainer hooks do it, see ``expert_parallel``). Loading takes the
+  core format and keeps this rank's leaves.
+- **Initial weights.** The core FFF's draws, taken from the global RNG exactly as ``--fff-backend core``
+  takes them, so under one seed every backend starts from the same function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ...block import BlockOutput, FeedForwardBlock
+from ...config import FFFConfig
+from ...fff import FFF
+
+BACKENDS = ("core", "deepspeed", "tutel")
+
+_GATHERING = False
+
+
+@contextlib.contextmanager
+def gathering() -> Iterator[None]:
+    """Within this context the sharded blocks' state dicts gather their leaves (a collective on every rank)."""
+    global _GATHERING
+    before, _GATHERING = _GATHERING, True
+    try:
+        yield
+    finally:
+        _GATHERING = before
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How the FFF blocks of a model are dispatched: backend, expert-parallel size, capacity factor.
+
+    ``capacity_factor`` 0 is dropless (every leaf takes all the tokens routed to it, the core layer's
+    function); c > 0 caps each leaf at about ``c * tokens / leaves`` tokens per rank and drops the rest
+    (their tree output is zero; the master leaf, if any, still runs). Negative values are Tutel's "dropless up
+    to |c|" and only valid with the tutel backend.
+    """
+
+    backend: str
+    ep_size: int
+    capacity_factor: float = 0.0
+
+
+def world() -> tuple[int, int]:
+    """(size, rank) of torch.distributed's world; (1, 0) when it is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+_GROUPS: dict[int, tuple[Optional[dist.ProcessGroup], Optional[dist.ProcessGroup]]] = {}
+
+
+def tutel_groups(ep_size: int) -> tuple[Optional[dist.ProcessGroup], Optional[dist.ProcessGroup]]:
+    """(expert-parallel group, expert-data-parallel group) of this rank for the tutel backend, DeepSpeed's
+    layout: ranks ``[i * ep_size, (i + 1) * ep_size)`` share the leaves. ``None`` stands for the whole world
+    (or no group at all in one process). Every rank creates every group, in the same order."""
+    if ep_size in _GROUPS:
+        return _GROUPS[ep_size]
+    size, rank = world()
+    if size == 1:
+        _GROUPS[ep_size] = (None, None)
+        return _GROUPS[ep_size]
+    ep_group = dp_group = None
+    if ep_size < size:
+        for start in range(0, size, ep_size):
+            g = dist.new_group(list(range(start, start + ep_size)))
+            if start <= rank < start + ep_size:
+                ep_group = g
+    for offset in range(ep_size):
+        ranks = list(range(offset, size, ep_size))
+        g = dist.new_group(ranks) if len(ranks) < size else None
+        if rank % ep_size == offset:
+            dp_group = g
+    _GROUPS[ep_size] = (ep_group, dp_group)
+    return _GROUPS[ep_size]
+
+
+def _expert_grad(world_size: int, dp_group, dp_size: int, grad: Tensor) -> Tensor:
+    # the leaf's gradient as legacy_ddp's average over all ranks would give it: summed over the ranks holding
+    # the same leaves (the all-to-all already summed over the tokens of the expert-parallel group), / world
+    if dp_size > 1:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=dp_group)
+    return grad / world_size
+
+
+class ShardedFFF(FeedForwardBlock):
+    """Leaf-MLP FFF (Belcak & Wattenhofer, arXiv 2308.14711; eFFF master leaf and load balancing, arXiv
+    2405.16836) with its leaves sharded over an expert-parallel group of fairseq's ranks (module docstring).
+
+    Contract: ``forward(x [..., d_model]) -> BlockOutput(output [..., d_model], aux_loss, losses, stats)``, the
+    call shape of every block. Dropless (``capacity_factor`` 0), output, losses and gradients equal the core
+    ``FFF`` in hard mode on the same weights; the state dict is the core FFF's. Every rank of the group must
+    call forward (the dispatch is collective), so fairseq's iterators pad ranks to equal batch counts.
+    """
+
+    config_class = FFFConfig
+
+    def __init__(self, config: FFFConfig, spec: ShardSpec):
+        super().__init__(config)
+        check_spec(config, spec)
+        self.spec = spec
+        size, _ = world()
+        # the core layer's draws from the global RNG; the backend's own initialisation is forked off it
+        core = FFF(config)
+        with torch.random.fork_rng(devices=[]):
+            if spec.backend == "deepspeed":
+                self.inner = _deepspeed_layer(config, spec)
+                self.inner.load_fff(core)
+                dp_group = _deepspeed_dp_group(self.inner)
+            else:
+                from ..tutel import TutelFFF
+
+                ep_group, dp_group = tutel_groups(spec.ep_size)
+                self.inner = TutelFFF(config, spec.capacity_factor, ep_group, init_from=core)
+        dp_size = size // spec.ep_size
+        self._n_expert_params = 0
+        for p in self.expert_parameters():
+            p.expert = True  # legacy_ddp leaves it out of its all-reduce; clip_grad_norm_ keeps it out of the norm
+            if size > 1:
+                p.register_hook(functools.partial(_expert_grad, size, dp_group, dp_size))
+            self._n_expert_params += 1
+        self._register_state_dict_hook(_save_core_format)
+        self._register_load_state_dict_pre_hook(_load_core_format, with_module=True)
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """This rank's leaf parameters (sharded; every other parameter is replicated)."""
+        if self.spec.backend == "deepspeed":
+            return list(self.inner.deepspeed_moe.experts.parameters())
+        return list(self.inner.moe.experts.parameters())
+
+    @property
+    def local_leaves(self) -> range:
+        return self.inner.local_leaves
+
+    def forward(self, x: Tensor) -> BlockOutput:
+        # T time, B batch, d model width: x [T, B, d] (any leading axes) -> output of the same shape
+        if self.spec.backend == "deepspeed":
+            return self.inner.forward_block(x)
+        return self.inner(x)
+
+    @torch.no_grad()
+    def to_fff(self) -> FFF:
+        """The core FFF with this block's weights, leaves gathered (collective when ``ep_size > 1``)."""
+        with torch.random.fork_rng(devices=[]):
+            return self.inner.to_fff()
+
+    def extra_repr(self) -> str:
+        leaves = self.local_leaves
+        return (f"backend={self.spec.backend}, ep_size={self.spec.ep_size}, capacity_factor="
+                f"{self.spec.capacity_factor}, leaves {leaves.start}..{leaves.stop - 1} of {self.config.n_leaves}")
+
+
+def check_spec(config: FFFConfig, spec: ShardSpec) -> None:
+    """Refuse what the sharded backends cannot do, naming the flag (before any weight is allocated)."""
+    if spec.backend not in BACKENDS[1:]:
+        raise ValueError(f"--fff-backend {spec.backend!r} is not allowed here: ShardedFFF takes deepspeed or tutel")
+    size, _ = world()
+    ep = spec.ep_size
+    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+        raise ValueError(f"--fff-ep-size {ep!r} is not allowed: must be an integer >= 1")
+    if size % ep:
+        raise ValueError(f"--fff-ep-size {ep} is not allowed: must divide the number of ranks ({size})")
+    if config.n_leaves % ep:
+        raise ValueError(f"--fff-ep-size {ep} is not allowed: must divide the {config.n_leaves} leaves of "
+                         f"--fff-depth {config.depth}")
+    c = spec.capacity_factor
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or c != c or abs(c) == float("inf"):
+        raise ValueError(f"--fff-capacity-factor {c!r} is not allowed: must be a finite number (0 = dropless)")
+    if spec.backend == "deepspeed":
+        if c < 0:
+            raise ValueError(f"--fff-capacity-factor {c} is not allowed with --fff-backend deepspeed: must be 0 "
+                             "(dropless) or > 0 (capped)")
+        if config.train_mode != "hard":
+            raise ValueError(f"--fff-train-mode {config.train_mode} is not allowed with --fff-backend deepspeed: "
+                             "must be hard (one leaf per token); soft training runs every leaf for every token")
+        if size == 1 and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("--fff-backend deepspeed needs torch.distributed: train on several ranks "
+                             "(fff-moe cpu-ranks, or --distributed-world-size on GPUs), or use --fff-backend core")
+    if config.d_out != config.d_model:
+        raise ValueError(f"--fff-backend {spec.backend} maps d_model to d_model (d_out = {config.d_out})")
+
+
+def _deepspeed_layer(config: FFFConfig, spec: ShardSpec):
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ImportError("--fff-backend deepspeed needs DeepSpeed: pip install 'fff-moe-plugin[deepspeed]'") from e
+    from ..deepspeed.layer import FFFMoE
+
+    # DeepSpeed's communication layer over the process group fairseq already created
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+    dropless = spec.capacity_factor == 0
+    factor = 1.0 if dropless else float(spec.capacity_factor)
+    layer = FFFMoE(config, ep_size=spec.ep_size, capacity_factor=factor, eval_capacity_factor=factor,
+                   drop_tokens=not dropless)
+    layer.set_deepspeed_parallelism()
+    return layer
+
+
+def _deepspeed_dp_group(layer):
+    from deepspeed.utils import groups
+
+    return groups._get_expert_data_parallel_group(layer.expert_group_name)
+
+
+def _save_core_format(module: ShardedFFF, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict hook: replace the backend's keys (this rank's leaves) by the core FFF's (all leaves)."""
+    if module.spec.ep_size > 1 and not _GATHERING:
+        raise RuntimeError(
+            f"the FFF block at {prefix!r} holds {module.config.n_leaves // module.spec.ep_size} of its "
+            f"{module.config.n_leaves} leaves (--fff-ep-size {module.spec.ep_size}): its state dict gathers "
+            "the others, a collective; take it on every rank inside "
+            "fff_moe_plugin.integrations.fairseq.sharded.gathering()"
+        )
+    inner = prefix + "inner."
+    keep_vars = any(isinstance(v, nn.Parameter) for k, v in state_dict.items() if k.startswith(inner))
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        del state_dict[key]
+    fff = module.to_fff()
+    for key, value in fff.state_dict(keep_vars=keep_vars).items():
+        state_dict[prefix + key] = value if keep_vars else value.detach()
+
+
+def _load_core_format(module: ShardedFFF, state_dict: dict, prefix: str, local_metadata, strict, missing_keys,
+                      unexpected_keys, error_msgs) -> None:
+    """Load-state-dict pre-hook: a core-format FFF state (all leaves) is turned into this rank's share."""
+    if prefix + "node_weight" not in state_dict:
+        return  # the backend's own keys: loaded as they are
+    core_keys = [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]
+    with torch.device("meta"):
+        fff = FFF(module.config)
+    own = {k[len(prefix):]: state_dict[k] for k in core_keys}
+    result = fff.load_state_dict(own, strict=False, assign=True)
+    if result.missing_keys:
+        error_msgs.append(f"FFF block {prefix!r}: missing {', '.join(prefix + k for k in result.missing_keys)}")
+        return
+    for k in core_keys:
+        del state_dict[k]
+    with torch.no_grad():
+        module.inner.load_fff(fff)
+    for key, value in module.inner.state_dict(prefix=prefix + "inner.", keep_vars=False).items():
+        state_dict[key] = value

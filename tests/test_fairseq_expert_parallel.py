@@ -1,0 +1,185 @@
+"""Expert parallelism inside fairseq-train: the FFF's leaves sharded over 2 CPU ranks (gloo, legacy_ddp) through
+DeepSpeed's MoE dispatch (``--fff-backend deepspeed``) or Tutel's (``--fff-backend tutel``), against the
+data-parallel run that keeps the whole tree on every rank (``--fff-backend core``), on the same seed."""
+
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fairseq", reason="needs fairseq: pip install 'fff-moe-plugin[fairseq]'")
+pytest.importorskip("deepspeed", reason="needs DeepSpeed: pip install 'fff-moe-plugin[deepspeed]'")
+
+from fff_moe_plugin.integrations.fairseq import user_dir  # noqa: E402
+from fff_moe_plugin.integrations.fairseq.data_bin import fairseq_command, make_data_bin  # noqa: E402
+from fff_moe_plugin.integrations.fairseq.launch import rank_commands  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+TUTEL_MISSING = ("needs Tutel, which is not on PyPI: NO_CUDA=1 pip install --no-build-isolation "
+                 "git+https://github.com/microsoft/tutel@main")
+TINY = ["--decoder-embed-dim", "16", "--decoder-layers", "2", "--decoder-attention-heads", "2",
+        "--decoder-ffn-embed-dim", "32", "--decoder-normalize-before"]
+TRAIN = ["--task", "language_modeling", "--criterion", "cross_entropy_fff", "--optimizer", "adam", "--lr", "0.01",
+         "--tokens-per-sample", "16", "--sample-break-mode", "none", "--max-tokens", "256", "--seed", "5",
+         "--log-format", "json", "--log-interval", "1", "--num-workers", "0", "--disable-validation",
+         "--no-epoch-checkpoints", "--save-interval-updates", "2"]
+# hard training (the function every backend shares), no dropout (its masks follow the token order), and every
+# part of the layer: hardening and load-balancing losses, master leaf; 4 leaves, 2 per rank at ep_size 2
+FFF = ["--arch", "transformer_lm_fff", "--fff-depth", "2", "--fff-leaf-width", "8", "--fff-train-mode", "hard",
+       "--fff-hardening", "0.1", "--fff-load-balance", "leaf", "--fff-master-leaf", "--dropout", "0"]
+SHARDED = {
+    "deepspeed-ep2": ["--fff-backend", "deepspeed"],
+    "deepspeed-ep1": ["--fff-backend", "deepspeed", "--fff-ep-size", "1"],  # leaves replicated, reduced by the hook
+    "tutel-ep2": ["--fff-backend", "tutel", "--fff-ep-size", "2"],
+}
+
+
+def _text(n_lines: int, seed: int) -> str:
+    rng = random.Random(seed)
+    subjects, verbs, objects = ["the cat", "a dog", "my bird"], ["sees", "likes", "eats"], ["fish", "a ball", "rice"]
+    return "".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} .\n" for _ in range(n_lines))
+
+
+@pytest.fixture(scope="module")
+def data_bin(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm")
+    return make_data_bin({"train": _text(1500, 0), "valid": _text(100, 1), "test": _text(100, 2)}, out)
+
+
+def train_ranks(data_bin: Path, save_dir: Path, *flags: str, max_update: int = 4) -> str:
+    """Two ranks of fairseq-train; returns rank 0's output after asserting that both ranks succeeded."""
+    args = [str(data_bin), "--user-dir", user_dir(), "--save-dir", str(save_dir), *TRAIN, *TINY, *FFF, *flags,
+            "--max-update", str(max_update)]
+    logs = save_dir.parent / f"{save_dir.name}-logs"
+    code = launch(args, logs)
+    text = (logs / "rank0.log").read_text()
+    other = (logs / "rank1.log").read_text() if (logs / "rank1.log").exists() else ""
+    assert code == 0, f"rank 0:\n{text[-3000:]}\nrank 1:\n{other[-3000:]}"
+    return text
+
+
+def launch(args: list[str], logs: Path) -> int:
+    """``fff-moe cpu-ranks``' launcher with 2 ranks, rank 0's output kept in ``logs/rank0.log``."""
+    logs.mkdir(parents=True, exist_ok=True)
+    script = ("import sys; from fff_moe_plugin.integrations.fairseq.launch import run_ranks; "
+              f"sys.exit(run_ranks({args!r}, 2, log_dir={str(logs)!r}))")
+    with open(logs / "rank0.log", "w") as out:
+        return subprocess.run([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT).returncode
+
+
+def load(save_dir: Path, name: str = "checkpoint_last.pt") -> dict:
+    return torch.load(save_dir / name, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def runs(data_bin, tmp_path_factory):
+    """{name: save dir}, each trained once on first use: "core" (data parallel) and the SHARDED cases."""
+    root = tmp_path_factory.mktemp("runs")
+    done: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in done:
+            flags = SHARDED.get(name, [])
+            train_ranks(data_bin, root / name, *flags)
+            done[name] = root / name
+        return done[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(SHARDED))
+def test_sharded_leaves_train_exactly_as_the_data_parallel_run(runs, name):
+    if name.startswith("tutel"):
+        pytest.importorskip("tutel", reason=TUTEL_MISSING)
+    reference = load(runs("core"))
+    sharded = load(runs(name))
+    # the checkpoint is the core layer's: every leaf gathered, and a config that loads in one process
+    assert sharded["model"].keys() == reference["model"].keys()
+    assert sharded["cfg"]["model"]["fff_backend"] == "core"
+    assert sharded["extra_state"]["fff_moe"]["ep_size"] == (1 if name.endswith("ep1") else 2)
+    for key, ref in reference["model"].items():
+        # float32, 4 Adam updates, the tokens summed in another order; the attention key biases get a zero
+        # gradient up to rounding, which Adam's normalisation blows up to ~1e-4 in both runs alike
+        torch.testing.assert_close(sharded["model"][key], ref, rtol=1e-4, atol=2e-4, msg=key)
+    # not vacuous: the leaves of both ranks' shards moved between update 2 and update 4
+    earlier = load(runs(name), "checkpoint_1_2.pt")["model"]
+    for layer in range(2):
+        key = f"decoder.layers.{layer}.ffn.leaf_w1"
+        step = (sharded["model"][key] - earlier[key]).abs().flatten(1).amax(1)  # [4 leaves]
+        assert step[:2].max() > 1e-4 and step[2:].max() > 1e-4, (key, step)
+
+
+def test_interrupted_sharded_training_resumes_to_the_same_parameters(data_bin, runs, tmp_path):
+    whole = load(runs("deepspeed-ep2"))
+    save = tmp_path / "split"
+    train_ranks(data_bin, save, *SHARDED["deepspeed-ep2"], max_update=2)  # stops mid-epoch, as an interruption would
+    log = train_ranks(data_bin, save, *SHARDED["deepspeed-ep2"], max_update=4)
+    assert re.search(r"Loaded checkpoint \S*checkpoint_last\.pt \(epoch 1 @ 2 updates\)", log)
+    split = load(save)
+    assert split["optimizer_history"][-1]["num_updates"] == 4
+    for key in whole["model"]:
+        torch.testing.assert_close(split["model"][key], whole["model"][key], rtol=0, atol=0, msg=key)
+    # each rank's leaves kept their own Adam moments across the restart
+    for a, b in zip(whole["extra_state"]["fff_moe"]["expert_optimizer_state"],
+                    split["extra_state"]["fff_moe"]["expert_optimizer_state"]):
+        assert a.keys() == b.keys() and len(a) > 0
+        for key in a:
+            for field in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(b[key][field], a[key][field], rtol=0, atol=0)
+
+
+def test_resume_at_another_ep_size_is_refused_unless_the_optimizer_is_reset(data_bin, runs, tmp_path):
+    import shutil
+
+    save = tmp_path / "ep1"
+    shutil.copytree(runs("deepspeed-ep2"), save)
+    args = [str(data_bin), "--user-dir", user_dir(), "--save-dir", str(save), *TRAIN, *TINY, *FFF,
+            *SHARDED["deepspeed-ep1"], "--max-update", "6"]
+    assert launch(args, tmp_path / "logs") != 0
+    # every rank refuses; the launcher stops the others once the first has exited
+    logs = [(tmp_path / "logs" / f"rank{r}.log").read_text() for r in range(2)]
+    refusal = "optimizer state was written at --fff-ep-size 2, this run has --fff-ep-size 1"
+    assert any(refusal in log for log in logs), logs[0][-2000:]
+    train_ranks(data_bin, save, *SHARDED["deepspeed-ep1"], "--reset-optimizer", max_update=6)
+    assert load(save)["optimizer_history"][-1]["num_updates"] == 6
+
+
+def test_eval_lm_reads_a_sharded_checkpoint_in_one_process(data_bin, runs):
+    def perplexity(save: Path) -> float:
+        cmd = fairseq_command("eval_lm") + [str(data_bin), "--path", str(save / "checkpoint_last.pt"), "--user-dir",
+                                            user_dir(), "--gen-subset", "test", "--tokens-per-sample", "16",
+                                            "--max-tokens", "256", "--cpu", "--num-workers", "0"]
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert done.returncode == 0, done.stdout[-3000:]
+        return float(re.search(r"Perplexity: ([\d.]+)", done.stdout).group(1))
+
+    assert perplexity(runs("deepspeed-ep2")) == pytest.approx(perplexity(runs("core")), rel=1e-3)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fff-backend", "deepspeed"], "--fff-backend deepspeed needs torch.distributed"),
+    (["--fff-backend", "tutel", "--fff-ep-size", "2"], "--fff-ep-size 2 is not allowed: must divide the number "
+                                                       "of ranks (1)"),
+    (["--fff-backend", "core", "--fff-ep-size", "2"], "--fff-ep-size and --fff-capacity-factor apply to"),
+    (["--fff-backend", "deepspeed", "--fff-train-mode", "soft"], "--fff-train-mode soft is not allowed with "
+                                                                 "--fff-backend deepspeed"),
+    (["--fff-backend", "deepspeed", "--fff-capacity-factor", "-1"], "--fff-capacity-factor -1.0 is not allowed"),
+])
+def test_bad_backend_flags_fail_at_start_up_naming_the_flag(data_bin, tmp_path, flags, message):
+    cmd = fairseq_command("train") + [str(data_bin), "--user-dir", user_dir(), "--save-dir", str(tmp_path), *TRAIN,
+                                      *TINY, *FFF, "--cpu", "--max-update", "2", *flags]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert done.returncode != 0
+    assert message in done.stdout, done.stdout[-2000:]
+    assert "train_inner" not in done.stdout and not list(tmp_path.glob("*.pt"))
+
+
+def test_the_launcher_reads_checkpoints_on_every_rank_once():
+    for given in ([], ["--load-checkpoint-on-all-dp-ranks"]):
+        cmds = rank_commands(["data", *given], 2, 1234)
+        assert [c.count("--load-checkpoint-on-all-dp-ranks") for c in cmds] == [1, 1]
