@@ -116,16 +116,17 @@ def _moe_layers(model: nn.Module):
 def aux_loss(model: nn.Module, native_coef: float = 0.01) -> Tensor:
     """Sum of the auxiliary losses of every MoE layer's last forward, to add to the training loss.
 
-    Layers installed by :func:`initialize` contribute their weighted ``aux_loss``; a bare :class:`FFFMoE`
-    its ``l_aux`` (already weighted); a bare DeepSpeed ``MoE`` its ``l_aux`` times ``native_coef``. Works on
-    the model or on the DeepSpeed engine wrapping it. Zero when there is none.
+    Layers installed by :func:`initialize` contribute their weighted ``aux_loss``; a bare :class:`FFFMoE` or
+    ``TutelFFFMoE`` its ``l_aux`` (already weighted); a bare DeepSpeed ``MoE`` its ``l_aux`` times
+    ``native_coef``. Works on the model or on the DeepSpeed engine wrapping it. Zero when there is none.
     """
     from .integrations.deepspeed.adapter import MoEFeedForward
     from .integrations.deepspeed.layer import FFFMoE
+    from .integrations.deepspeed.tutel_moe import TutelFFFMoE
 
     total = None
     for name, m in _moe_layers(model):
-        if isinstance(m, MoEFeedForward):
+        if isinstance(m, (MoEFeedForward, TutelFFFMoE)):
             if m.last is None:
                 raise ValueError(f"{name} has not run a forward yet; call aux_loss after the model's forward")
             term = m.last.aux_loss

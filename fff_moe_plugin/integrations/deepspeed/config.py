@@ -39,7 +39,7 @@ class DeepSpeedFFFConfig:
     leaf_width: int
     replace: str  # fnmatch pattern over dotted module names, e.g. "blocks.*.mlp"
     enabled: bool = True
-    backend: str = "deepspeed"  # deepspeed: FFFMoE on deepspeed.moe; tutel: TutelFFF (optional package)
+    backend: str = "deepspeed"  # deepspeed: FFFMoE on deepspeed.moe; tutel: TutelFFFMoE, Tutel's dispatch (optional)
     router: str = "tree"  # tree: the FFF tree gate; topk: DeepSpeed's own top-1 gate over the same leaves
     # -- DeepSpeed MoE knobs ----------------------------------------------------------------------------
     ep_size: int = 1
@@ -79,11 +79,6 @@ class DeepSpeedFFFConfig:
             _fail("router", self.router, 'the tutel backend only has the "tree" router')
         if isinstance(self.ep_size, bool) or not isinstance(self.ep_size, int) or self.ep_size < 1:
             _fail("ep_size", self.ep_size, "must be an integer >= 1")
-        if self.backend == "tutel" and self.ep_size != 1:
-            # DeepSpeed's engine keeps expert gradients out of the data-parallel all-reduce only for
-            # deepspeed.moe layers; Tutel's sharded leaves would be averaged with other ranks' leaves
-            _fail("ep_size", self.ep_size, 'must be 1 with backend "tutel" under deepspeed.initialize; use backend '
-                  '"deepspeed" for expert parallelism')
         for key in ("capacity_factor", "eval_capacity_factor"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:

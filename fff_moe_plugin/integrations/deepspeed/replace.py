@@ -7,8 +7,8 @@ for ``ep_size > 1`` needs torch.distributed up.
 A module converts when its direct children are exactly two ``nn.Linear`` (``d -> h`` then ``h -> d``, in
 registration order) plus optional activation and dropout modules, e.g. ``nn.Sequential(Linear, GELU,
 Linear)`` or a GPT-style MLP with ``c_fc`` / ``c_proj`` children. The new layer is freshly initialised (a
-dense block has no tree to copy); only the width and, when a child module names it, the activation are
-taken over.
+dense block has no tree to copy) with the core FFF's draws, the same for both backends under one seed; only
+the width and, when a child module names it, the activation are taken over.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Optional
 from torch import nn
 
 from ...config import FFFConfig
+from ...fff import FFF
 from .config import DeepSpeedFFFConfig
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: None}
@@ -97,6 +98,10 @@ def plan_replacements(model: nn.Module, block: DeepSpeedFFFConfig) -> list[Repla
         except ValueError as e:
             problems.append(f"{name}: {e}")
             continue
+        if block.backend == "tutel" and d % 2:
+            problems.append(f"{name}: width {d} is odd; Tutel's dispatch needs an even width "
+                            '(use backend "deepspeed")')
+            continue
         plan.append(Replacement(name, d, h, cfg.activation, cfg))
     if problems:
         raise ValueError('"fff_moe" block: cannot convert\n  ' + "\n  ".join(problems))
@@ -105,13 +110,13 @@ def plan_replacements(model: nn.Module, block: DeepSpeedFFFConfig) -> list[Repla
 
 def build_layer(block: DeepSpeedFFFConfig, cfg: FFFConfig) -> nn.Module:
     """The MoE layer one replacement puts in place, wrapped as a feedforward block."""
+    import torch
+
     from .adapter import MoEFeedForward
 
     knobs = dict(ep_size=block.ep_size, capacity_factor=block.capacity_factor,
                  eval_capacity_factor=block.eval_capacity_factor, min_capacity=block.min_capacity,
                  drop_tokens=block.drop_tokens)
-    if block.backend == "tutel":
-        return MoEFeedForward(_tutel_layer(block, cfg))
     if block.router == "topk":
         from deepspeed.moe.layer import MoE
 
@@ -122,12 +127,18 @@ def build_layer(block: DeepSpeedFFFConfig, cfg: FFFConfig) -> nn.Module:
         for expert_leaf in layer.deepspeed_moe.experts.deepspeed_experts:
             expert_leaf.reset_parameters()  # DeepSpeed deep-copies one expert; give each its own draw
         return MoEFeedForward(layer, aux_coef=block.load_balance_coef)
-    from .layer import FFFMoE
+    # NOTE: a tree's initial weights are the core FFF's draws and nothing else of the global RNG stream is
+    # used while the layer is built, so that under one seed both backends build the same model
+    core = FFF(cfg)
+    with torch.random.fork_rng(devices=[]):
+        if block.backend == "tutel":
+            return _tutel_layer(block, core)
+        from .layer import FFFMoE
 
-    return MoEFeedForward(FFFMoE(cfg, **knobs))
+        return MoEFeedForward(FFFMoE.from_fff(core, **knobs))
 
 
-def _tutel_layer(block: DeepSpeedFFFConfig, cfg: FFFConfig) -> nn.Module:
+def _tutel_layer(block: DeepSpeedFFFConfig, core: FFF) -> nn.Module:
     try:
         from ..tutel import TutelFFF
     except ImportError as e:
@@ -136,16 +147,19 @@ def _tutel_layer(block: DeepSpeedFFFConfig, cfg: FFFConfig) -> nn.Module:
         ) from e
     import torch.distributed as dist
 
-    group = None  # one process: Tutel's world is this process
-    if dist.is_available() and dist.is_initialized():
-        # every rank holds all leaves (ep_size 1): a one-rank group, DeepSpeed's own "ep_size_1"
-        from deepspeed.utils import groups
+    from .adapter import MoEFeedForward
+    from .tutel_moe import TutelFFFMoE, TutelMoEFeedForward
 
-        name = f"ep_size_{block.ep_size}"
-        if name not in groups._get_expert_parallel_group_dict():
-            groups._create_expert_and_data_parallel(block.ep_size)
-        group = groups._get_expert_parallel_group(name)
-    return TutelFFF(cfg, capacity_factor=block.capacity_factor if block.drop_tokens else 0.0, group=group)
+    capacity_factor = block.capacity_factor if block.drop_tokens else 0.0  # Tutel's 0 is dropless
+    if not (dist.is_available() and dist.is_initialized()):
+        if block.ep_size > 1:
+            raise ValueError(f'"fff_moe" block: ep_size = {block.ep_size} needs torch.distributed initialised before '
+                             "the replacement (fff_moe_plugin.deepspeed.initialize does it)")
+        # one process and no engine to tell apart expert parameters: the plain layer holds all leaves
+        return MoEFeedForward(TutelFFF.from_fff(core, capacity_factor=capacity_factor))
+    # under torch.distributed, as a DeepSpeed MoE layer on DeepSpeed's expert-parallel group, at every ep_size:
+    # the engine reduces the leaves' gradients over the expert-data-parallel group and checkpoints them per leaf
+    return TutelMoEFeedForward(TutelFFFMoE.from_fff(core, ep_size=block.ep_size, capacity_factor=capacity_factor))
 
 
 def apply_replacements(model: nn.Module, block: DeepSpeedFFFConfig, plan: list[Replacement]) -> list[Replacement]:

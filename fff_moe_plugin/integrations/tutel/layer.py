@@ -57,6 +57,8 @@ class TutelFFF(FeedForwardBlock):
     replicated, and their gradients must be all-reduced over data-parallel ranks as for any dense
     parameter (leaf parameters carry ``expert = True`` and Tutel's ``_tutel_expert`` to be left out).
     Each rank routes its own tokens; every rank of the group must call forward (the all-to-all is collective).
+    Under DeepSpeed's engine, ``integrations.deepspeed.tutel_moe.TutelFFFMoE`` holds this layer on DeepSpeed's
+    expert-parallel group and tags the leaves so that the engine reduces them as experts.
 
     ``capacity_factor`` is Tutel's: 0 is dropless (capacity = the largest leaf load over the group);
     c > 0 gives each leaf ``k * int(c * ceil(S / L))`` slots per rank (k leaves per token: 1, or L in soft
@@ -178,7 +180,8 @@ class TutelFFF(FeedForwardBlock):
         if self.config.master_leaf:
             for name in ("master_w1", "master_b1", "master_w2", "master_b2", "master_gate"):
                 if getattr(fff, name) is not None:
-                    getattr(self, name).copy_(getattr(fff, name))
+                    mine = getattr(self, name)  # master_gate: [] here, or [1] under DeepSpeed (TutelFFFMoE)
+                    mine.copy_(getattr(fff, name).reshape(mine.shape))
 
     @torch.no_grad()
     def to_fff(self) -> FFF:
@@ -196,7 +199,8 @@ class TutelFFF(FeedForwardBlock):
         if self.config.master_leaf:
             for name in ("master_w1", "master_b1", "master_w2", "master_b2", "master_gate"):
                 if getattr(self, name) is not None:
-                    getattr(out, name).copy_(getattr(self, name))
+                    theirs = getattr(out, name)
+                    theirs.copy_(getattr(self, name).reshape(theirs.shape))
         return out
 
     def _gather(self, local: Tensor) -> Tensor:
@@ -235,7 +239,8 @@ class TutelFFF(FeedForwardBlock):
         zero = self.zero()
         stats = {
             **tree_stats(c, route.leaf, route.path_logits),
-            "master_gate": torch.sigmoid(self.master_gate.detach().float()) if c.master_leaf else zero + 1.0,
+            "master_gate": (torch.sigmoid(self.master_gate.detach().float()).reshape(()) if c.master_leaf
+                            else zero + 1.0),
             "dropped": self._dropped(route, k, unequal),
         }
         if not self.training:
