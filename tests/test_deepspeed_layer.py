@@ -183,6 +183,15 @@ def test_ep_size_must_divide_the_world_size(monkeypatch):
         read_config({"fff_moe": {"depth": 3, "leaf_width": 8, "replace": "m", "ep_size": 4}})
 
 
+def test_tutel_backend_takes_ep_size_one_or_the_world_size(monkeypatch):
+    # Tutel runs its all-to-all's backward on the whole world, so a part of the world cannot share the leaves
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    block = {"depth": 3, "leaf_width": 8, "replace": "m", "backend": "tutel"}
+    with pytest.raises(ValueError, match=r'ep_size = 2 is not allowed: must be 1 or the world size \(4\)'):
+        read_config({"fff_moe": {**block, "ep_size": 2}})
+    assert [read_config({"fff_moe": {**block, "ep_size": n}})[1].ep_size for n in (1, 4)] == [1, 4]
+
+
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()

@@ -36,6 +36,7 @@ SHARDED = {
     "deepspeed-ep2": ["--fff-backend", "deepspeed"],
     "deepspeed-ep1": ["--fff-backend", "deepspeed", "--fff-ep-size", "1"],  # leaves replicated, reduced by the hook
     "tutel-ep2": ["--fff-backend", "tutel", "--fff-ep-size", "2"],
+    "tutel-ep1": ["--fff-backend", "tutel", "--fff-ep-size", "1"],  # a group of one per rank, no all-to-all
 }
 
 
@@ -183,3 +184,18 @@ def test_the_launcher_reads_checkpoints_on_every_rank_once():
     for given in ([], ["--load-checkpoint-on-all-dp-ranks"]):
         cmds = rank_commands(["data", *given], 2, 1234)
         assert [c.count("--load-checkpoint-on-all-dp-ranks") for c in cmds] == [1, 1]
+
+
+def test_tutel_shares_the_leaves_over_one_rank_or_all_of_them(monkeypatch):
+    # Tutel runs its all-to-all's backward on the whole world whatever the group (see TutelFFF)
+    from fff_moe_plugin.config import FFFConfig
+    from fff_moe_plugin.integrations.fairseq import sharded
+
+    monkeypatch.setattr(sharded, "world", lambda: (4, 0))
+    config = FFFConfig(d_model=16, leaf_width=8, depth=3, train_mode="hard")
+    with pytest.raises(ValueError, match="--fff-ep-size 2 is not allowed with --fff-backend tutel: must be 1 or the "
+                                         "number of ranks"):
+        sharded.check_spec(config, sharded.ShardSpec("tutel", 2))
+    for ep in (1, 4):
+        sharded.check_spec(config, sharded.ShardSpec("tutel", ep))
+    sharded.check_spec(config, sharded.ShardSpec("deepspeed", 2))  # DeepSpeed's groups can be a part of the world

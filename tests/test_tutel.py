@@ -261,3 +261,40 @@ def test_importing_the_backend_without_tutel_says_how_to_build_it():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "NO_CUDA=1 pip install --no-build-isolation" in out
     assert "github.com/microsoft/tutel" in out
+
+
+def _group_worker(rank, world, port, path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        alone = [dist.new_group([r]) for r in range(world)]
+        result = {}
+        try:
+            TutelFFF(make_config(depth=2), group=halves[rank // 2])
+            result["half"] = "built"
+        except ValueError as e:
+            result["half"] = str(e)
+        # a group of one: every rank holds all leaves, no all-to-all at all; trains like the core layer
+        torch.manual_seed(0)
+        core = FFF(make_config(depth=2))
+        layer = TutelFFF.from_fff(core, group=alone[rank])
+        x = torch.randn(TOKENS, WIDTH, generator=torch.Generator().manual_seed(rank))
+        out = layer(x)
+        out.output.sum().backward()
+        ref = core(x)
+        ref.output.sum().backward()
+        result["alone_equal"] = bool(torch.allclose(out.output, ref.output, atol=1e-5)
+                                     and torch.allclose(layer.gate.node_weight.grad, core.node_weight.grad, atol=1e-5))
+        torch.save(result, os.path.join(path, f"group{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_group_that_is_part_of_the_world_is_refused_a_group_of_one_works(tmp_path):
+    # Tutel's all-to-all runs its backward on the whole world whatever the group: a half-world group would
+    # mismatch the other half's collectives, so it is refused before any work
+    mp.spawn(_group_worker, args=(4, free_port(), str(tmp_path)), nprocs=4)
+    results = [torch.load(tmp_path / f"group{r}.pt") for r in range(4)]
+    for r in results:
+        assert "a group of 2 of the 4 ranks is not allowed" in r["half"]
+        assert r["alone_equal"]

@@ -103,6 +103,10 @@ class DeepSpeedFFFConfig:
         world = _world_size()
         if world % self.ep_size:
             _fail("ep_size", self.ep_size, f"must divide the world size ({world} processes)")
+        if self.backend == "tutel" and self.ep_size not in (1, world):
+            _fail("ep_size", self.ep_size, f'must be 1 or the world size ({world}) with backend "tutel": Tutel runs '
+                  "the backward of its all-to-all on the whole world, so its expert-parallel group cannot be a part "
+                  "of it")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DeepSpeedFFFConfig:

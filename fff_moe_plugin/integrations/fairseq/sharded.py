@@ -6,7 +6,8 @@
 
 - **Layout.** Consecutive ranks form an expert-parallel group of ``ep_size`` ranks sharing the ``2**depth``
   leaves (DeepSpeed's default layout); ranks with the same position in their groups form the leaves'
-  expert-data-parallel group. The nodes and the master leaf are replicated like any dense parameter.
+  expert-data-parallel group. With Tutel, ``ep_size`` is 1 or the world size (see :func:`tutel_groups`).
+  The nodes and the master leaf are replicated like any dense parameter.
 - **Gradients.** fairseq's ``legacy_ddp`` all-reduces every gradient except those of parameters tagged
   ``param.expert = True``, and the trainer then multiplies all gradients by ``world_size / sample_size``.
   The leaves are tagged; a gradient hook divides a leaf's gradient by the data-parallel world size (the
@@ -80,27 +81,18 @@ _GROUPS: dict[int, tuple[Optional[dist.ProcessGroup], Optional[dist.ProcessGroup
 
 
 def tutel_groups(ep_size: int) -> tuple[Optional[dist.ProcessGroup], Optional[dist.ProcessGroup]]:
-    """(expert-parallel group, expert-data-parallel group) of this rank for the tutel backend, DeepSpeed's
-    layout: ranks ``[i * ep_size, (i + 1) * ep_size)`` share the leaves. ``None`` stands for the whole world
-    (or no group at all in one process). Every rank creates every group, in the same order."""
+    """(expert-parallel group, expert-data-parallel group) of this rank for the tutel backend, ``None`` standing
+    for the whole world (or for no group at all in one process). ``ep_size`` is 1 (every rank holds all leaves:
+    a group of one) or the world size (the whole world shares them); ``check_spec`` refuses anything between,
+    because Tutel runs its all-to-all's backward on the whole world whatever the group."""
     if ep_size in _GROUPS:
         return _GROUPS[ep_size]
     size, rank = world()
-    if size == 1:
+    if size == 1 or ep_size == size:
         _GROUPS[ep_size] = (None, None)
-        return _GROUPS[ep_size]
-    ep_group = dp_group = None
-    if ep_size < size:
-        for start in range(0, size, ep_size):
-            g = dist.new_group(list(range(start, start + ep_size)))
-            if start <= rank < start + ep_size:
-                ep_group = g
-    for offset in range(ep_size):
-        ranks = list(range(offset, size, ep_size))
-        g = dist.new_group(ranks) if len(ranks) < size else None
-        if rank % ep_size == offset:
-            dp_group = g
-    _GROUPS[ep_size] = (ep_group, dp_group)
+    else:
+        alone = [dist.new_group([r]) for r in range(size)]  # every rank creates every group, in the same order
+        _GROUPS[ep_size] = (alone[rank], None)
     return _GROUPS[ep_size]
 
 
@@ -193,6 +185,10 @@ def check_spec(config: FFFConfig, spec: ShardSpec) -> None:
     if config.n_leaves % ep:
         raise ValueError(f"--fff-ep-size {ep} is not allowed: must divide the {config.n_leaves} leaves of "
                          f"--fff-depth {config.depth}")
+    if spec.backend == "tutel" and ep not in (1, size):
+        raise ValueError(f"--fff-ep-size {ep} is not allowed with --fff-backend tutel: must be 1 or the number of "
+                         f"ranks ({size}); Tutel runs the backward of its all-to-all on all ranks whatever the group, "
+                         "so the leaves cannot be shared by a part of them (--fff-backend deepspeed can)")
     c = spec.capacity_factor
     if isinstance(c, bool) or not isinstance(c, (int, float)) or c != c or abs(c) == float("inf"):
         raise ValueError(f"--fff-capacity-factor {c!r} is not allowed: must be a finite number (0 = dropless)")

@@ -99,6 +99,14 @@ class TutelFFF(FeedForwardBlock):
         if c.d_model % 2:
             raise ValueError(f"TutelFFF: d_model = {c.d_model} is not allowed: Tutel's dispatch needs an even width")
         W, rank = _world(group)
+        world, _ = _world(None)
+        if 1 < W < world:
+            raise ValueError(
+                f"TutelFFF: a group of {W} of the {world} ranks is not allowed: Tutel's all-to-all runs its backward "
+                "on the whole world whatever the group (tutel/impls/communicate.py: RestoreBackward is applied "
+                "without the group), which mismatches the other groups' collectives; shard the leaves over all "
+                "ranks (group=None), or keep them all on each rank (a group of one)"
+            )
         if c.n_leaves % W:
             raise ValueError(
                 f"TutelFFF: depth = {c.depth} ({c.n_leaves} leaves) is not allowed on {W} ranks: the leaves are "
