@@ -52,23 +52,23 @@ def data_bin(tmp_path_factory):
     return make_data_bin({"train": _text(1500, 0), "valid": _text(100, 1), "test": _text(100, 2)}, out)
 
 
-def train_ranks(data_bin: Path, save_dir: Path, *flags: str, max_update: int = 4) -> str:
-    """Two ranks of fairseq-train; returns rank 0's output after asserting that both ranks succeeded."""
+def train_ranks(data_bin: Path, save_dir: Path, *flags: str, max_update: int = 4, nprocs: int = 2) -> str:
+    """``nprocs`` ranks of fairseq-train; returns rank 0's output after asserting that every rank succeeded."""
     args = [str(data_bin), "--user-dir", user_dir(), "--save-dir", str(save_dir), *TRAIN, *TINY, *FFF, *flags,
             "--max-update", str(max_update)]
     logs = save_dir.parent / f"{save_dir.name}-logs"
-    code = launch(args, logs)
+    code = launch(args, logs, nprocs)
     text = (logs / "rank0.log").read_text()
     other = (logs / "rank1.log").read_text() if (logs / "rank1.log").exists() else ""
     assert code == 0, f"rank 0:\n{text[-3000:]}\nrank 1:\n{other[-3000:]}"
     return text
 
 
-def launch(args: list[str], logs: Path) -> int:
-    """``fff-moe cpu-ranks``' launcher with 2 ranks, rank 0's output kept in ``logs/rank0.log``."""
+def launch(args: list[str], logs: Path, nprocs: int = 2) -> int:
+    """``fff-moe cpu-ranks``' launcher, rank 0's output kept in ``logs/rank0.log``."""
     logs.mkdir(parents=True, exist_ok=True)
     script = ("import sys; from fff_moe_plugin.integrations.fairseq.launch import run_ranks; "
-              f"sys.exit(run_ranks({args!r}, 2, log_dir={str(logs)!r}))")
+              f"sys.exit(run_ranks({args!r}, {nprocs}, log_dir={str(logs)!r}))")
     with open(logs / "rank0.log", "w") as out:
         return subprocess.run([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT).returncode
 
@@ -113,6 +113,22 @@ def test_sharded_leaves_train_exactly_as_the_data_parallel_run(runs, name):
         key = f"decoder.layers.{layer}.ffn.leaf_w1"
         step = (sharded["model"][key] - earlier[key]).abs().flatten(1).amax(1)  # [4 leaves]
         assert step[:2].max() > 1e-4 and step[2:].max() > 1e-4, (key, step)
+
+
+def test_four_ranks_in_two_expert_parallel_groups_train_as_the_data_parallel_run(data_bin, tmp_path):
+    # ranks 0-1 and 2-3 each share the leaves; ranks 0 and 2 (1 and 3) hold the same leaves and sum their
+    # gradients in the hook; the checkpoint gathers rank 0's group
+    reference = load_trained(data_bin, tmp_path / "core4", nprocs=4)
+    sharded = load_trained(data_bin, tmp_path / "ep2", "--fff-backend", "deepspeed", "--fff-ep-size", "2", nprocs=4)
+    assert sharded["extra_state"]["fff_moe"]["ep_size"] == 2
+    assert len(sharded["extra_state"]["fff_moe"]["expert_optimizer_state"]) == 2
+    for key, ref in reference["model"].items():
+        torch.testing.assert_close(sharded["model"][key], ref, rtol=1e-4, atol=2e-4, msg=key)
+
+
+def load_trained(data_bin: Path, save: Path, *flags: str, nprocs: int) -> dict:
+    train_ranks(data_bin, save, *flags, nprocs=nprocs)
+    return load(save)
 
 
 def test_interrupted_sharded_training_resumes_to_the_same_parameters(data_bin, runs, tmp_path):
