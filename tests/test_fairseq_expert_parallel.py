@@ -101,7 +101,8 @@ def test_sharded_leaves_train_exactly_as_the_data_parallel_run(runs, name):
     sharded = load(runs(name))
     # the checkpoint is the core layer's: every leaf gathered, and a config that loads in one process
     assert sharded["model"].keys() == reference["model"].keys()
-    assert sharded["cfg"]["model"]["fff_backend"] == "core"
+    model_cfg = sharded["cfg"]["model"]
+    assert (model_cfg["fff_backend"], model_cfg["fff_ep_size"], model_cfg["fff_capacity_factor"]) == ("core", None, 0)
     assert sharded["extra_state"]["fff_moe"]["ep_size"] == (1 if name.endswith("ep1") else 2)
     for key, ref in reference["model"].items():
         # float32, 4 Adam updates, the tokens summed in another order; the attention key biases get a zero
@@ -166,16 +167,30 @@ def test_resume_at_another_ep_size_is_refused_unless_the_optimizer_is_reset(data
     assert load(save)["optimizer_history"][-1]["num_updates"] == 6
 
 
-def test_eval_lm_reads_a_sharded_checkpoint_in_one_process(data_bin, runs):
-    def perplexity(save: Path) -> float:
-        cmd = fairseq_command("eval_lm") + [str(data_bin), "--path", str(save / "checkpoint_last.pt"), "--user-dir",
-                                            user_dir(), "--gen-subset", "test", "--tokens-per-sample", "16",
-                                            "--max-tokens", "256", "--cpu", "--num-workers", "0"]
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert done.returncode == 0, done.stdout[-3000:]
-        return float(re.search(r"Perplexity: ([\d.]+)", done.stdout).group(1))
+def perplexity(data_bin: Path, save: Path) -> float:
+    """fairseq-eval-lm on the test split, one process."""
+    cmd = fairseq_command("eval_lm") + [str(data_bin), "--path", str(save / "checkpoint_last.pt"), "--user-dir",
+                                        user_dir(), "--gen-subset", "test", "--tokens-per-sample", "16",
+                                        "--max-tokens", "256", "--cpu", "--num-workers", "0"]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert done.returncode == 0, done.stdout[-3000:]
+    return float(re.search(r"Perplexity: ([\d.]+)", done.stdout).group(1))
 
-    assert perplexity(runs("deepspeed-ep2")) == pytest.approx(perplexity(runs("core")), rel=1e-3)
+
+def test_eval_lm_reads_a_sharded_checkpoint_in_one_process(data_bin, runs):
+    assert perplexity(data_bin, runs("deepspeed-ep2")) == pytest.approx(perplexity(data_bin, runs("core")), rel=1e-3)
+
+
+def test_a_capped_run_drops_tokens_and_its_checkpoint_evaluates_dropless(data_bin, tmp_path):
+    # capacity factor 0.5: each leaf takes about half its even share of a rank's tokens per layer
+    save = tmp_path / "capped"
+    log = train_ranks(data_bin, save, "--fff-backend", "deepspeed", "--fff-capacity-factor", "0.5", max_update=2)
+    shares = [float(m.group(1)) for m in re.finditer(r'"dropped": "([\d.]+)"', log)]
+    assert len(shares) == 2 and all(0 < share < 1 for share in shares), shares
+    model_cfg = load(save)["cfg"]["model"]
+    assert (model_cfg["fff_backend"], model_cfg["fff_capacity_factor"]) == ("core", 0)
+    vocab = len((data_bin / "dict.txt").read_text().splitlines())
+    assert 1.0 < perplexity(data_bin, save) < 4 * vocab
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -9,7 +9,9 @@ coefficient set in the block config. Logged (train and valid):
   weighted sum and each unweighted term, averaged over the block layers;
 - ``usage_entropy`` (nats) and ``unused``: entropy of the token counts per leaf / expert / slot, and how
   many of them got no token, averaged over the block layers. Counts are summed over sub-batches and over
-  workers before the entropy is taken, so a distributed run logs the statistics of its whole batch.
+  workers before the entropy is taken, so a distributed run logs the statistics of its whole batch;
+- ``dropped`` (sharded FFF blocks, ``--fff-backend deepspeed|tutel``): the share of the tokens dropped by a
+  capped capacity, averaged over the block layers (0 when dropless).
 
 No ``from __future__ import annotations`` here: fairseq reads the dataclass field types at run time.
 """
@@ -67,6 +69,10 @@ class CrossEntropyFFFCriterion(CrossEntropyCriterion):
         n_layers = max(1, len(outputs))
         for name, value in terms.items():
             logging_output[TERMS + name] = value * sample_size / n_layers
+        # blocks with capped capacity (--fff-backend deepspeed|tutel) count the tokens they dropped
+        dropped = [out.stats["dropped"] for out in outputs.values() if "dropped" in out.stats]
+        if dropped:
+            logging_output["dropped"] = sum(d.detach().float() for d in dropped) / len(dropped)
         # one counts vector per block layer, zeros for a layer LayerDrop skipped: every worker logs the same keys
         for index, size in slots.items():
             counts = outputs[index].stats["counts"] if index in outputs else nll.new_zeros(size)
@@ -90,6 +96,8 @@ class CrossEntropyFFFCriterion(CrossEntropyCriterion):
         if not any(k.startswith(COUNTS) for k in keys):
             return  # a model without blocks: plain cross-entropy
         metrics.log_scalar("aux_loss", total("aux_loss") / sample_size, sample_size, round=4)
+        if "dropped" in keys:  # share of the tokens a block dropped, averaged over the block layers
+            metrics.log_scalar("dropped", total("dropped") / max(ntokens, 1), ntokens, round=4)
         for key in sorted(k for k in keys if k.startswith(TERMS)):
             metrics.log_scalar(key, total(key) / sample_size, sample_size, round=4)
         entropies, unused = [], []

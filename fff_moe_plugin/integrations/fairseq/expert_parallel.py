@@ -215,11 +215,12 @@ def _ep_rank(block: ShardedFFF) -> int:
 
 
 def _as_core_model(cfg: Any) -> None:
-    """The saved model config of a checkpoint whose FFF weights are in the core layer's format."""
+    """The saved model config of a checkpoint whose FFF weights are in the core layer's format (the core layer
+    drops no token, so a capped run's checkpoint evaluates dropless)."""
     model = cfg.get("model") if isinstance(cfg, dict) else getattr(cfg, "model", None)
     if model is None:
         return
-    for key, value in (("fff_backend", "core"), ("fff_ep_size", None)):
+    for key, value in (("fff_backend", "core"), ("fff_ep_size", None), ("fff_capacity_factor", 0.0)):
         if isinstance(model, dict):
             if key in model:
                 model[key] = value
