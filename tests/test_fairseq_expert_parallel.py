@@ -211,6 +211,16 @@ def test_bad_backend_flags_fail_at_start_up_naming_the_flag(data_bin, tmp_path, 
     assert "train_inner" not in done.stdout and not list(tmp_path.glob("*.pt"))
 
 
+def test_the_launcher_shares_the_cores_between_the_ranks_unless_told(monkeypatch):
+    from fff_moe_plugin.integrations.fairseq.launch import rank_environment
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert [rank_environment(n)["OMP_NUM_THREADS"] for n in (1, 2, 3, 16)] == ["8", "4", "2", "1"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert rank_environment(2)["OMP_NUM_THREADS"] == "3"
+
+
 def test_the_launcher_reads_checkpoints_on_every_rank_once():
     for given in ([], ["--load-checkpoint-on-all-dp-ranks"]):
         cmds = rank_commands(["data", *given], 2, 1234)

@@ -5,11 +5,14 @@ as its own process with ``--distributed-no-spawn`` and an explicit rank, as FACT
 is used because PyTorch's DDP refuses ``device_ids`` on CPU modules (and it skips parameters tagged
 ``param.expert = True`` in its all-reduce). ``--load-checkpoint-on-all-dp-ranks`` is added unless given: fairseq
 0.12 otherwise broadcasts the checkpoint rank 0 read and unpickles it with ``torch.load``'s weights-only default
-(torch >= 2.6), which refuses the DictConfig in it, so a resumed multi-rank run would fail.
+(torch >= 2.6), which refuses the DictConfig in it, so a resumed multi-rank run would fail. Unless the
+environment sets ``OMP_NUM_THREADS``, each rank gets ``cores // ranks`` threads (as torchrun does): every rank
+using every core makes the ranks fight over the cores and slows training down several-fold.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -44,11 +47,21 @@ def rank_commands(train_args: list[str], nprocs: int, port: int) -> list[list[st
             for r in range(nprocs)]
 
 
+def rank_environment(nprocs: int) -> dict[str, str]:
+    """This process's environment, with ``OMP_NUM_THREADS`` = cores // ranks (at least 1) unless it is set."""
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(max(1, cores // max(1, nprocs)))
+    return env
+
+
 def run_ranks(train_args: list[str], nprocs: int, log_dir: str | None = None, port: int | None = None) -> int:
     """Run the ranks to completion; rank 0 writes to this process's output, rank r > 0 to ``log_dir/rank<r>.log``
     (discarded without ``log_dir``). Returns the first non-zero exit code, else 0; if one rank fails the others
     are stopped."""
     cmds = rank_commands(train_args, nprocs, port or free_port())
+    env = rank_environment(nprocs)
     logs = []
     procs = []
     try:
@@ -61,7 +74,7 @@ def run_ranks(train_args: list[str], nprocs: int, log_dir: str | None = None, po
                 logs.append(out)
             else:
                 out = subprocess.DEVNULL
-            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if r else None))
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if r else None, env=env))
         codes = _wait_all(procs)
     finally:
         for p in procs:
