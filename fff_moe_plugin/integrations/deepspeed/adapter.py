@@ -14,11 +14,11 @@ from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
 from ...block import BlockOutput
-from .layer import FFFMoE
 
 
 class MoEFeedForward(nn.Module):
-    """Wraps an :class:`FFFMoE`, a DeepSpeed ``MoE`` (top-1 baseline) or a ``TutelFFF`` as a feedforward block.
+    """Wraps an :class:`FFFMoE`, a ``TutelFFFMoE``, a DeepSpeed ``MoE`` (top-1 baseline) or a ``TutelFFF`` as a
+    feedforward block.
 
     ``forward(x [..., d]) -> [..., d]``. After each call ``self.last`` is the layer's BlockOutput; its
     ``aux_loss`` is what the training loss must add: FFFMoE's ``l_aux`` as is (already weighted), a plain
@@ -32,7 +32,7 @@ class MoEFeedForward(nn.Module):
         self.last: Optional[BlockOutput] = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.moe, FFFMoE):
+        if hasattr(self.moe, "forward_block"):  # FFFMoE, TutelFFFMoE: the package's BlockOutput directly
             out = self.moe.forward_block(x)
         elif isinstance(self.moe, MoE):
             y, l_aux, counts = self.moe(x)

@@ -148,7 +148,7 @@ def _tutel_layer(block: DeepSpeedFFFConfig, core: FFF) -> nn.Module:
     import torch.distributed as dist
 
     from .adapter import MoEFeedForward
-    from .tutel_moe import TutelFFFMoE, TutelMoEFeedForward
+    from .tutel_moe import TutelFFFMoE
 
     capacity_factor = block.capacity_factor if block.drop_tokens else 0.0  # Tutel's 0 is dropless
     if not (dist.is_available() and dist.is_initialized()):
@@ -159,7 +159,7 @@ def _tutel_layer(block: DeepSpeedFFFConfig, core: FFF) -> nn.Module:
         return MoEFeedForward(TutelFFF.from_fff(core, capacity_factor=capacity_factor))
     # under torch.distributed, as a DeepSpeed MoE layer on DeepSpeed's expert-parallel group, at every ep_size:
     # the engine reduces the leaves' gradients over the expert-data-parallel group and checkpoints them per leaf
-    return TutelMoEFeedForward(TutelFFFMoE.from_fff(core, ep_size=block.ep_size, capacity_factor=capacity_factor))
+    return MoEFeedForward(TutelFFFMoE.from_fff(core, ep_size=block.ep_size, capacity_factor=capacity_factor))
 
 
 def apply_replacements(model: nn.Module, block: DeepSpeedFFFConfig, plan: list[Replacement]) -> list[Replacement]:

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from ...block import BlockOutput
 from ...config import FFFConfig
 from ...fff import FFF
-from .adapter import MoEFeedForward
 
 # FFFMoE's name for each of TutelFFF's replicated parameters
 _SHARED_NAMES = {
@@ -172,15 +171,6 @@ class TutelFFFMoE(MoE):
 
     def extra_repr(self) -> str:
         return f"ep_size={self.ep_size}, group_name={self.expert_group_name!r}"
-
-
-class TutelMoEFeedForward(MoEFeedForward):
-    """:class:`MoEFeedForward` around a :class:`TutelFFFMoE`: ``forward(x [..., d]) -> [..., d]``, with the
-    layer's whole BlockOutput (losses by name, dropped count) in ``.last``."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.last = self.moe.forward_block(x)
-        return self.last.output
 
 
 def _expert_parallel_group(ep_size: int) -> Optional[dist.ProcessGroup]:

@@ -135,12 +135,10 @@ class ShardedFFF(FeedForwardBlock):
                 ep_group, dp_group = tutel_groups(spec.ep_size)
                 self.inner = TutelFFF(config, spec.capacity_factor, ep_group, init_from=core)
         dp_size = size // spec.ep_size
-        self._n_expert_params = 0
         for p in self.expert_parameters():
             p.expert = True  # legacy_ddp leaves it out of its all-reduce; clip_grad_norm_ keeps it out of the norm
             if size > 1:
                 p.register_hook(functools.partial(_expert_grad, size, dp_group, dp_size))
-            self._n_expert_params += 1
         self._register_state_dict_hook(_save_core_format)
         self._register_load_state_dict_pre_hook(_load_core_format, with_module=True)
 
