@@ -6,3 +6,14 @@ import torch
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def lm_data_bin(tmp_path_factory):
+    """A fairseq data-bin of the toy language (tests/helpers.py), word level: 1500 / 100 / 100 sentences."""
+    from helpers import lm_text
+
+    from fff_moe_plugin.integrations.fairseq.data_bin import make_data_bin
+
+    out = tmp_path_factory.mktemp("lm")
+    return make_data_bin({"train": lm_text(1500, 0), "valid": lm_text(100, 1), "test": lm_text(100, 2)}, out)

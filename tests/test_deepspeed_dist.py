@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import traceback
 from pathlib import Path
 
 import pytest
+from helpers import assert_ok, run_rank_scripts
 
 pytest.importorskip("deepspeed", reason='needs DeepSpeed: pip install "fff-moe-plugin[deepspeed]"')
 
@@ -236,68 +235,37 @@ def worker(out_dir: str, checks: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- tests
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ds_dist")
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2", OMP_NUM_THREADS="1")
-        log = open(out / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, __file__, str(out), *CHECKS], env=env, stdout=log,
-                                       stderr=subprocess.STDOUT), log))
-    try:
-        for p, _ in procs:
-            p.wait(timeout=400)
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-            log.close()
-    per_rank = []
-    for rank in range(2):
-        path = out / f"rank{rank}.json"
-        if not path.exists():
-            pytest.fail(f"rank {rank} wrote no results; log:\n{(out / f'rank{rank}.log').read_text()[-4000:]}")
-        per_rank.append(json.loads(path.read_text()))
-    return per_rank
+    return run_rank_scripts(__file__, tmp_path_factory.mktemp("ds_dist"), CHECKS, timeout=400)
 
 
-def _assert_ok(results, name):
-    for rank, r in enumerate(results):
-        assert r.get(name) == "ok", f"rank {rank}, {name}:\n{r.get(name)}"
 
 
 @pytest.mark.slow
 def test_ep_size_2_equals_ep_size_1_outputs_aux_and_gradients(results):
-    _assert_ok(results, "ep_equality")
+    assert_ok(results, "ep_equality")
 
 
 @pytest.mark.slow
 def test_dropless_capacity_is_agreed_across_ranks_with_uneven_token_counts(results):
-    _assert_ok(results, "ep_equality_dropless_uneven")
+    assert_ok(results, "ep_equality_dropless_uneven")
 
 
 @pytest.mark.slow
 def test_deepspeed_initialize_with_json_flag_trains_under_zero_0_1_2(results):
-    _assert_ok(results, "zero_training")
+    assert_ok(results, "zero_training")
 
 
 @pytest.mark.slow
 def test_engine_steps_at_ep_size_2_equal_ep_size_1(results):
-    _assert_ok(results, "engine_ep_equality")
+    assert_ok(results, "engine_ep_equality")
 
 
 @pytest.mark.slow
 def test_checkpoint_round_trip_and_reload_at_other_ep_size(results):
-    _assert_ok(results, "checkpoints")
+    assert_ok(results, "checkpoints")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 DeepSpeed's MoE dispatch (``--fff-backend deepspeed``) or Tutel's (``--fff-backend tutel``), against the
 data-parallel run that keeps the whole tree on every rank (``--fff-backend core``), on the same seed."""
 
-import random
 import re
 import subprocess
 import sys
@@ -15,7 +14,7 @@ pytest.importorskip("fairseq", reason="needs fairseq: pip install 'fff-moe-plugi
 pytest.importorskip("deepspeed", reason="needs DeepSpeed: pip install 'fff-moe-plugin[deepspeed]'")
 
 from fff_moe_plugin.integrations.fairseq import user_dir  # noqa: E402
-from fff_moe_plugin.integrations.fairseq.data_bin import fairseq_command, make_data_bin  # noqa: E402
+from fff_moe_plugin.integrations.fairseq.data_bin import fairseq_command  # noqa: E402
 from fff_moe_plugin.integrations.fairseq.launch import rank_commands  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -40,21 +39,9 @@ SHARDED = {
 }
 
 
-def _text(n_lines: int, seed: int) -> str:
-    rng = random.Random(seed)
-    subjects, verbs, objects = ["the cat", "a dog", "my bird"], ["sees", "likes", "eats"], ["fish", "a ball", "rice"]
-    return "".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} .\n" for _ in range(n_lines))
-
-
-@pytest.fixture(scope="module")
-def data_bin(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lm")
-    return make_data_bin({"train": _text(1500, 0), "valid": _text(100, 1), "test": _text(100, 2)}, out)
-
-
-def train_ranks(data_bin: Path, save_dir: Path, *flags: str, max_update: int = 4, nprocs: int = 2) -> str:
+def train_ranks(lm_data_bin: Path, save_dir: Path, *flags: str, max_update: int = 4, nprocs: int = 2) -> str:
     """``nprocs`` ranks of fairseq-train; returns rank 0's output after asserting that every rank succeeded."""
-    args = [str(data_bin), "--user-dir", user_dir(), "--save-dir", str(save_dir), *TRAIN, *TINY, *FFF, *flags,
+    args = [str(lm_data_bin), "--user-dir", user_dir(), "--save-dir", str(save_dir), *TRAIN, *TINY, *FFF, *flags,
             "--max-update", str(max_update)]
     logs = save_dir.parent / f"{save_dir.name}-logs"
     code = launch(args, logs, nprocs)
@@ -78,7 +65,7 @@ def load(save_dir: Path, name: str = "checkpoint_last.pt") -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(data_bin, tmp_path_factory):
+def runs(lm_data_bin, tmp_path_factory):
     """{name: save dir}, each trained once on first use: "core" (data parallel) and the SHARDED cases."""
     root = tmp_path_factory.mktemp("runs")
     done: dict[str, Path] = {}
@@ -86,7 +73,7 @@ def runs(data_bin, tmp_path_factory):
     def get(name: str) -> Path:
         if name not in done:
             flags = SHARDED.get(name, [])
-            train_ranks(data_bin, root / name, *flags)
+            train_ranks(lm_data_bin, root / name, *flags)
             done[name] = root / name
         return done[name]
 
@@ -116,27 +103,27 @@ def test_sharded_leaves_train_exactly_as_the_data_parallel_run(runs, name):
         assert step[:2].max() > 1e-4 and step[2:].max() > 1e-4, (key, step)
 
 
-def test_four_ranks_in_two_expert_parallel_groups_train_as_the_data_parallel_run(data_bin, tmp_path):
+def test_four_ranks_in_two_expert_parallel_groups_train_as_the_data_parallel_run(lm_data_bin, tmp_path):
     # ranks 0-1 and 2-3 each share the leaves; ranks 0 and 2 (1 and 3) hold the same leaves and sum their
     # gradients in the hook; the checkpoint gathers rank 0's group
-    reference = load_trained(data_bin, tmp_path / "core4", nprocs=4)
-    sharded = load_trained(data_bin, tmp_path / "ep2", "--fff-backend", "deepspeed", "--fff-ep-size", "2", nprocs=4)
+    reference = load_trained(lm_data_bin, tmp_path / "core4", nprocs=4)
+    sharded = load_trained(lm_data_bin, tmp_path / "ep2", "--fff-backend", "deepspeed", "--fff-ep-size", "2", nprocs=4)
     assert sharded["extra_state"]["fff_moe"]["ep_size"] == 2
     assert len(sharded["extra_state"]["fff_moe"]["expert_optimizer_state"]) == 2
     for key, ref in reference["model"].items():
         torch.testing.assert_close(sharded["model"][key], ref, rtol=1e-4, atol=2e-4, msg=key)
 
 
-def load_trained(data_bin: Path, save: Path, *flags: str, nprocs: int) -> dict:
-    train_ranks(data_bin, save, *flags, nprocs=nprocs)
+def load_trained(lm_data_bin: Path, save: Path, *flags: str, nprocs: int) -> dict:
+    train_ranks(lm_data_bin, save, *flags, nprocs=nprocs)
     return load(save)
 
 
-def test_interrupted_sharded_training_resumes_to_the_same_parameters(data_bin, runs, tmp_path):
+def test_interrupted_sharded_training_resumes_to_the_same_parameters(lm_data_bin, runs, tmp_path):
     whole = load(runs("deepspeed-ep2"))
     save = tmp_path / "split"
-    train_ranks(data_bin, save, *SHARDED["deepspeed-ep2"], max_update=2)  # stops mid-epoch, as an interruption would
-    log = train_ranks(data_bin, save, *SHARDED["deepspeed-ep2"], max_update=4)
+    train_ranks(lm_data_bin, save, *SHARDED["deepspeed-ep2"], max_update=2)  # stops mid-epoch, as an interruption would
+    log = train_ranks(lm_data_bin, save, *SHARDED["deepspeed-ep2"], max_update=4)
     assert re.search(r"Loaded checkpoint \S*checkpoint_last\.pt \(epoch 1 @ 2 updates\)", log)
     split = load(save)
     assert split["optimizer_history"][-1]["num_updates"] == 4
@@ -151,25 +138,25 @@ def test_interrupted_sharded_training_resumes_to_the_same_parameters(data_bin, r
                 torch.testing.assert_close(b[key][field], a[key][field], rtol=0, atol=0)
 
 
-def test_resume_at_another_ep_size_is_refused_unless_the_optimizer_is_reset(data_bin, runs, tmp_path):
+def test_resume_at_another_ep_size_is_refused_unless_the_optimizer_is_reset(lm_data_bin, runs, tmp_path):
     import shutil
 
     save = tmp_path / "ep1"
     shutil.copytree(runs("deepspeed-ep2"), save)
-    args = [str(data_bin), "--user-dir", user_dir(), "--save-dir", str(save), *TRAIN, *TINY, *FFF,
+    args = [str(lm_data_bin), "--user-dir", user_dir(), "--save-dir", str(save), *TRAIN, *TINY, *FFF,
             *SHARDED["deepspeed-ep1"], "--max-update", "6"]
     assert launch(args, tmp_path / "logs") != 0
     # every rank refuses; the launcher stops the others once the first has exited
     logs = [(tmp_path / "logs" / f"rank{r}.log").read_text() for r in range(2)]
     refusal = "optimizer state was written at --fff-ep-size 2, this run has --fff-ep-size 1"
     assert any(refusal in log for log in logs), logs[0][-2000:]
-    train_ranks(data_bin, save, *SHARDED["deepspeed-ep1"], "--reset-optimizer", max_update=6)
+    train_ranks(lm_data_bin, save, *SHARDED["deepspeed-ep1"], "--reset-optimizer", max_update=6)
     assert load(save)["optimizer_history"][-1]["num_updates"] == 6
 
 
-def perplexity(data_bin: Path, save: Path) -> float:
+def perplexity(lm_data_bin: Path, save: Path) -> float:
     """fairseq-eval-lm on the test split, one process."""
-    cmd = fairseq_command("eval_lm") + [str(data_bin), "--path", str(save / "checkpoint_last.pt"), "--user-dir",
+    cmd = fairseq_command("eval_lm") + [str(lm_data_bin), "--path", str(save / "checkpoint_last.pt"), "--user-dir",
                                         user_dir(), "--gen-subset", "test", "--tokens-per-sample", "16",
                                         "--max-tokens", "256", "--cpu", "--num-workers", "0"]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -177,20 +164,21 @@ def perplexity(data_bin: Path, save: Path) -> float:
     return float(re.search(r"Perplexity: ([\d.]+)", done.stdout).group(1))
 
 
-def test_eval_lm_reads_a_sharded_checkpoint_in_one_process(data_bin, runs):
-    assert perplexity(data_bin, runs("deepspeed-ep2")) == pytest.approx(perplexity(data_bin, runs("core")), rel=1e-3)
+def test_eval_lm_reads_a_sharded_checkpoint_in_one_process(lm_data_bin, runs):
+    reference = perplexity(lm_data_bin, runs("core"))
+    assert perplexity(lm_data_bin, runs("deepspeed-ep2")) == pytest.approx(reference, rel=1e-3)
 
 
-def test_a_capped_run_drops_tokens_and_its_checkpoint_evaluates_dropless(data_bin, tmp_path):
+def test_a_capped_run_drops_tokens_and_its_checkpoint_evaluates_dropless(lm_data_bin, tmp_path):
     # capacity factor 0.5: each leaf takes about half its even share of a rank's tokens per layer
     save = tmp_path / "capped"
-    log = train_ranks(data_bin, save, "--fff-backend", "deepspeed", "--fff-capacity-factor", "0.5", max_update=2)
+    log = train_ranks(lm_data_bin, save, "--fff-backend", "deepspeed", "--fff-capacity-factor", "0.5", max_update=2)
     shares = [float(m.group(1)) for m in re.finditer(r'"dropped": "([\d.]+)"', log)]
     assert len(shares) == 2 and all(0 < share < 1 for share in shares), shares
     model_cfg = load(save)["cfg"]["model"]
     assert (model_cfg["fff_backend"], model_cfg["fff_capacity_factor"]) == ("core", 0)
-    vocab = len((data_bin / "dict.txt").read_text().splitlines())
-    assert 1.0 < perplexity(data_bin, save) < 4 * vocab
+    vocab = len((lm_data_bin / "dict.txt").read_text().splitlines())
+    assert 1.0 < perplexity(lm_data_bin, save) < 4 * vocab
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -202,8 +190,8 @@ def test_a_capped_run_drops_tokens_and_its_checkpoint_evaluates_dropless(data_bi
                                                                  "--fff-backend deepspeed"),
     (["--fff-backend", "deepspeed", "--fff-capacity-factor", "-1"], "--fff-capacity-factor -1.0 is not allowed"),
 ])
-def test_bad_backend_flags_fail_at_start_up_naming_the_flag(data_bin, tmp_path, flags, message):
-    cmd = fairseq_command("train") + [str(data_bin), "--user-dir", user_dir(), "--save-dir", str(tmp_path), *TRAIN,
+def test_bad_backend_flags_fail_at_start_up_naming_the_flag(lm_data_bin, tmp_path, flags, message):
+    cmd = fairseq_command("train") + [str(lm_data_bin), "--user-dir", user_dir(), "--save-dir", str(tmp_path), *TRAIN,
                                       *TINY, *FFF, "--cpu", "--max-update", "2", *flags]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert done.returncode != 0

@@ -7,7 +7,6 @@ decoding fairseq's SequenceGenerator uses must give the same tokens as the forwa
 """
 
 import os
-import random
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,7 +23,7 @@ if int(np.__version__.split(".")[0]) >= 2:
                 allow_module_level=True)
 
 from fff_moe_plugin.integrations.fairseq import user_dir  # noqa: E402
-from fff_moe_plugin.integrations.fairseq.data_bin import fairseq_command, make_data_bin  # noqa: E402
+from fff_moe_plugin.integrations.fairseq.data_bin import fairseq_command  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -43,14 +42,8 @@ TRAIN = ["--task", "language_modeling", "--criterion", "cross_entropy_fff", "--o
          "--no-epoch-checkpoints", "--max-update", "12", "--cpu"]
 PROMPTS = ["the cat", "a dog likes", "my bird"]
 MAX_LEN = 10  # --max-len-b: prompt and continuation together, in tokens
-N_TEST = 100  # sentences in the test split
+N_TEST = 100  # sentences in the test split of lm_data_bin
 SUBPROCESSES = 2  # fairseq tools run two at a time: each is mostly start-up
-
-
-def _text(n_lines: int, seed: int) -> str:
-    rng = random.Random(seed)
-    subjects, verbs, objects = ["the cat", "a dog", "my bird"], ["sees", "likes", "eats"], ["fish", "a ball", "rice"]
-    return "".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} .\n" for _ in range(n_lines))
 
 
 def _run(name: str, cmd: list[str], stdin: str | None = None) -> str:
@@ -75,19 +68,13 @@ def _hypotheses(log: str) -> dict[int, tuple[str, list[str]]]:
 
 
 @pytest.fixture(scope="module")
-def data_bin(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lm")
-    return make_data_bin({"train": _text(1500, 0), "valid": _text(100, 1), "test": _text(N_TEST, 2)}, out)
-
-
-@pytest.fixture(scope="module")
-def words(data_bin) -> set[str]:
+def words(lm_data_bin) -> set[str]:
     """The dictionary's words (dict.txt holds no special symbols)."""
-    return {line.split()[0] for line in (data_bin / "dict.txt").read_text().splitlines()}
+    return {line.split()[0] for line in (lm_data_bin / "dict.txt").read_text().splitlines()}
 
 
 @pytest.fixture(scope="module")
-def runs(data_bin, tmp_path_factory):
+def runs(lm_data_bin, tmp_path_factory):
     """Each architecture trained with fairseq-train, then fairseq-interactive (sampling and greedy) and
     fairseq-generate on the FFF checkpoint: ({name: checkpoint_last.pt}, {tool run: output})."""
     saves = {name: tmp_path_factory.mktemp(name) for name in ARCHS}
@@ -96,7 +83,7 @@ def runs(data_bin, tmp_path_factory):
 
     def interactive(*decoding):
         return fairseq_command("interactive") + [
-            str(data_bin), "--path", fff, "--user-dir", user_dir(), "--task", "language_modeling", "--beam", "1",
+            str(lm_data_bin), "--path", fff, "--user-dir", user_dir(), "--task", "language_modeling", "--beam", "1",
             "--max-len-b", str(MAX_LEN), "--seed", "1", "--cpu", *decoding]
 
     stdin = "".join(p + "\n" for p in PROMPTS)
@@ -106,13 +93,14 @@ def runs(data_bin, tmp_path_factory):
     # --required-batch-size-multiple 1: with the default 8, fairseq 0.12 drops a last batch of fewer than 8
     # sentences (facebookresearch/fairseq#5036)
     tools["generate"] = (fairseq_command("generate") + [
-        str(data_bin), "--path", fff, "--user-dir", user_dir(), "--task", "language_modeling", "--gen-subset", "test",
+        str(lm_data_bin), "--path", fff, "--user-dir", user_dir(), "--task", "language_modeling",
+        "--gen-subset", "test",
         "--sample-break-mode", "eos", "--tokens-per-sample", "16", "--prefix-size", "2", "--sampling", "--beam", "1",
         "--max-len-b", str(MAX_LEN), "--batch-size", "32", "--required-batch-size-multiple", "1",
         "--num-workers", "0", "--seed", "1", "--cpu"], None)
     with ThreadPoolExecutor(SUBPROCESSES) as pool:
         trained = {name: pool.submit(_run, f"train {name}", fairseq_command("train") + [
-            str(data_bin), "--user-dir", user_dir(), "--save-dir", str(save), *TRAIN, *TINY, *ARCHS[name]])
+            str(lm_data_bin), "--user-dir", user_dir(), "--save-dir", str(save), *TRAIN, *TINY, *ARCHS[name]])
             for name, save in saves.items()}
         trained["fff"].result()  # the tools start as soon as the FFF checkpoint exists
         logs = {name: pool.submit(_run, name, cmd, stdin) for name, (cmd, stdin) in tools.items()}
@@ -121,11 +109,11 @@ def runs(data_bin, tmp_path_factory):
         return checkpoints, {name: job.result() for name, job in logs.items()}
 
 
-def _hub(checkpoint, data_bin):
+def _hub(checkpoint, lm_data_bin):
     from fairseq.models.transformer_lm import TransformerLanguageModel
 
     lm = TransformerLanguageModel.from_pretrained(str(checkpoint.parent), checkpoint.name,
-                                                  data_name_or_path=str(data_bin), user_dir=user_dir())
+                                                  data_name_or_path=str(lm_data_bin), user_dir=user_dir())
     return lm.eval()
 
 
@@ -154,9 +142,9 @@ def test_interactive_samples_continuations_of_stdin_prompts_in_dictionary_words(
         assert set(hyp) <= words, hyp
 
 
-def test_interactive_greedy_equals_the_argmax_of_the_reloaded_models_forward(runs, data_bin):
+def test_interactive_greedy_equals_the_argmax_of_the_reloaded_models_forward(runs, lm_data_bin):
     checkpoints, logs = runs
-    lm = _hub(checkpoints["fff"], data_bin)
+    lm = _hub(checkpoints["fff"], lm_data_bin)
     hyps = _hypotheses(logs["greedy"])
     for i, prompt in enumerate(PROMPTS):
         expected = _greedy_by_forward(lm.models[0], lm.task.target_dictionary, prompt, MAX_LEN)
@@ -176,10 +164,10 @@ def test_generate_samples_every_test_sentence_after_a_two_word_prefix(runs, word
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
-def test_hub_greedy_equals_the_argmax_and_sampling_draws_dictionary_words(runs, data_bin, words, name):
+def test_hub_greedy_equals_the_argmax_and_sampling_draws_dictionary_words(runs, lm_data_bin, words, name):
     from fff_moe_plugin.integrations.fairseq import models
 
-    lm = _hub(runs[0][name], data_bin)
+    lm = _hub(runs[0][name], lm_data_bin)
     cls = {"fff": models.FFFLanguageModel, "sigma_moe": models.SigmaMoELanguageModel, "pkm": models.PKMLanguageModel}
     assert isinstance(lm.models[0], cls[name])
     for prompt in PROMPTS:

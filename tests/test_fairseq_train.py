@@ -2,7 +2,6 @@
 fairseq-eval-lm and hub reloading, on a data-bin built here from generated text (width 16, 2 layers)."""
 
 import json
-import random
 import re
 import subprocess
 
@@ -12,7 +11,7 @@ import torch
 pytest.importorskip("fairseq", reason="needs fairseq: pip install 'fff-moe-plugin[fairseq]'")
 
 from fff_moe_plugin.integrations.fairseq import user_dir  # noqa: E402
-from fff_moe_plugin.integrations.fairseq.data_bin import fairseq_command, make_data_bin  # noqa: E402
+from fff_moe_plugin.integrations.fairseq.data_bin import fairseq_command  # noqa: E402
 from fff_moe_plugin.integrations.fairseq.launch import run_ranks  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -32,20 +31,8 @@ TRAIN = ["--task", "language_modeling", "--criterion", "cross_entropy_fff", "--o
          "--no-epoch-checkpoints"]
 
 
-def _text(n_lines: int, seed: int) -> str:
-    rng = random.Random(seed)
-    subjects, verbs, objects = ["the cat", "a dog", "my bird"], ["sees", "likes", "eats"], ["fish", "a ball", "rice"]
-    return "".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} .\n" for _ in range(n_lines))
-
-
-@pytest.fixture(scope="module")
-def data_bin(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lm")
-    return make_data_bin({"train": _text(1500, 0), "valid": _text(100, 1), "test": _text(100, 2)}, out)
-
-
-def train(data_bin, save_dir, *args, cpu=True):
-    cmd = fairseq_command("train") + [str(data_bin), "--user-dir", user_dir(), "--save-dir", str(save_dir),
+def train(lm_data_bin, save_dir, *args, cpu=True):
+    cmd = fairseq_command("train") + [str(lm_data_bin), "--user-dir", user_dir(), "--save-dir", str(save_dir),
                                       *TRAIN, *TINY, *args] + (["--cpu"] if cpu else [])
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert done.returncode == 0, done.stdout[-4000:]
@@ -57,17 +44,17 @@ def inner_logs(log: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def trained(data_bin, tmp_path_factory):
+def trained(lm_data_bin, tmp_path_factory):
     """Each architecture trained once for 12 updates: {name: (log, save_dir)}."""
     runs = {}
     for name, flags in ARCHS.items():
         save = tmp_path_factory.mktemp(name)
-        runs[name] = (train(data_bin, save, *flags, "--max-update", "12"), save)
+        runs[name] = (train(lm_data_bin, save, *flags, "--max-update", "12"), save)
     return runs
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
-def test_architecture_trains_loss_drops_and_eval_lm_reads_the_checkpoint(data_bin, trained, name):
+def test_architecture_trains_loss_drops_and_eval_lm_reads_the_checkpoint(lm_data_bin, trained, name):
     log, save = trained[name]
     logs = inner_logs(log)
     assert len(logs) == 12
@@ -75,23 +62,23 @@ def test_architecture_trains_loss_drops_and_eval_lm_reads_the_checkpoint(data_bi
     assert "usage_entropy" in logs[-1] and "unused" in logs[-1]
     if name == "fff":
         assert float(logs[-1]["aux_loss"]) > 0 and "aux_load_balance" in logs[-1]
-    cmd = fairseq_command("eval_lm") + [str(data_bin), "--path", str(save / "checkpoint_last.pt"), "--user-dir",
+    cmd = fairseq_command("eval_lm") + [str(lm_data_bin), "--path", str(save / "checkpoint_last.pt"), "--user-dir",
                                         user_dir(), "--gen-subset", "test", "--tokens-per-sample", "16",
                                         "--max-tokens", "256", "--cpu", "--num-workers", "0"]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert done.returncode == 0, done.stdout[-3000:]
     ppl = float(re.search(r"Perplexity: ([\d.]+)", done.stdout).group(1))
-    vocab = len((data_bin / "dict.txt").read_text().splitlines())
+    vocab = len((lm_data_bin / "dict.txt").read_text().splitlines())
     assert 1.0 < ppl < vocab  # better than uniform over the words
 
 
-def test_checkpoint_reloads_with_from_pretrained_and_samples(data_bin, trained):
+def test_checkpoint_reloads_with_from_pretrained_and_samples(lm_data_bin, trained):
     from fairseq.models.transformer_lm import TransformerLanguageModel
 
     from fff_moe_plugin.integrations.fairseq.models import FFFLanguageModel
 
     _, save = trained["fff"]
-    lm = TransformerLanguageModel.from_pretrained(str(save), "checkpoint_last.pt", data_name_or_path=str(data_bin),
+    lm = TransformerLanguageModel.from_pretrained(str(save), "checkpoint_last.pt", data_name_or_path=str(lm_data_bin),
                                                   user_dir=user_dir())
     assert isinstance(lm.models[0], FFFLanguageModel)
     ckpt = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
@@ -112,11 +99,11 @@ def test_checkpoint_reloads_with_from_pretrained_and_samples(data_bin, trained):
     assert words[:2] == ["the", "cat"] and len(words) > 2
 
 
-def test_interrupted_training_resumes_to_the_same_parameters(data_bin, tmp_path):
+def test_interrupted_training_resumes_to_the_same_parameters(lm_data_bin, tmp_path):
     flags = [*ARCHS["fff"], "--fff-region-leak", "0.1", "--dropout", "0.1", "--save-interval-updates", "3"]
-    train(data_bin, tmp_path / "whole", *flags, "--max-update", "8")
-    train(data_bin, tmp_path / "split", *flags, "--max-update", "4")  # stops mid-epoch, as an interruption would
-    log = train(data_bin, tmp_path / "split", *flags, "--max-update", "8")
+    train(lm_data_bin, tmp_path / "whole", *flags, "--max-update", "8")
+    train(lm_data_bin, tmp_path / "split", *flags, "--max-update", "4")  # stops mid-epoch, as an interruption would
+    log = train(lm_data_bin, tmp_path / "split", *flags, "--max-update", "8")
     assert re.search(r"Loaded checkpoint \S*checkpoint_last\.pt \(epoch 1 @ 4 updates\)", log)
     a = torch.load(tmp_path / "whole" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     b = torch.load(tmp_path / "split" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
@@ -126,8 +113,8 @@ def test_interrupted_training_resumes_to_the_same_parameters(data_bin, tmp_path)
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
 
 
-def test_bad_flag_fails_fairseq_train_at_start_up_naming_the_flag(data_bin, tmp_path):
-    cmd = fairseq_command("train") + [str(data_bin), "--user-dir", user_dir(), "--save-dir", str(tmp_path), *TRAIN,
+def test_bad_flag_fails_fairseq_train_at_start_up_naming_the_flag(lm_data_bin, tmp_path):
+    cmd = fairseq_command("train") + [str(lm_data_bin), "--user-dir", user_dir(), "--save-dir", str(tmp_path), *TRAIN,
                                       *TINY, "--cpu", "--arch", "transformer_lm_fff", "--fff-depth", "-2",
                                       "--fff-leaf-width", "8", "--max-update", "3"]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -136,8 +123,8 @@ def test_bad_flag_fails_fairseq_train_at_start_up_naming_the_flag(data_bin, tmp_
     assert "train_inner" not in done.stdout and not list(tmp_path.glob("*.pt"))
 
 
-def test_two_cpu_processes_train_and_log_metrics_merged_over_ranks(data_bin, tmp_path, capfd):
-    args = [str(data_bin), "--user-dir", user_dir(), "--save-dir", str(tmp_path / "ckpt"), *TRAIN, *TINY,
+def test_two_cpu_processes_train_and_log_metrics_merged_over_ranks(lm_data_bin, tmp_path, capfd):
+    args = [str(lm_data_bin), "--user-dir", user_dir(), "--save-dir", str(tmp_path / "ckpt"), *TRAIN, *TINY,
             *ARCHS["fff"], "--max-update", "3"]
     assert run_ranks(args, 2, log_dir=str(tmp_path)) == 0
     logs = inner_logs(capfd.readouterr().out)

@@ -6,8 +6,6 @@ Needs Tutel (built from source) and DeepSpeed (the `deepspeed` extra); runs on C
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import assert_ok, free_port, run_rank_scripts
 
 from fff_moe_plugin import FFF, FFFConfig
 
@@ -74,11 +73,6 @@ def _worker(rank, world, port, path):
     torch.save(result, os.path.join(path, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -304,51 +298,25 @@ def engine_worker(out_dir: str, checks: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def engine_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tutel_engine")
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2", OMP_NUM_THREADS="1")
-        log = open(out / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, __file__, str(out), *ENGINE_CHECKS], env=env, stdout=log,
-                                       stderr=subprocess.STDOUT), log))
-    try:
-        for p, _ in procs:
-            p.wait(timeout=300)
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-            log.close()
-    per_rank = []
-    for rank in range(2):
-        path = out / f"rank{rank}.json"
-        if not path.exists():
-            pytest.fail(f"rank {rank} wrote no results; log:\n{(out / f'rank{rank}.log').read_text()[-4000:]}")
-        per_rank.append(json.loads(path.read_text()))
-    return per_rank
+    return run_rank_scripts(__file__, tmp_path_factory.mktemp("tutel_engine"), ENGINE_CHECKS, timeout=300)
 
 
-def _assert_ok(results, name):
-    for rank, r in enumerate(results):
-        assert r.get(name) == "ok", f"rank {rank}, {name}:\n{r.get(name)}"
 
 
 @pytest.mark.slow
 def test_engine_steps_with_tutel_backend_at_ep_size_2_equal_deepspeed_backend_zero_0(engine_results):
-    _assert_ok(engine_results, "engine_zero0")
+    assert_ok(engine_results, "engine_zero0")
 
 
 @pytest.mark.slow
 def test_engine_steps_with_tutel_backend_at_ep_size_2_equal_deepspeed_backend_zero_2(engine_results):
-    _assert_ok(engine_results, "engine_zero2")
+    assert_ok(engine_results, "engine_zero2")
 
 
 @pytest.mark.slow
 def test_tutel_backend_checkpoint_per_leaf_files_round_trip_and_reload_in_deepspeed_backend_and_at_ep_1(
         engine_results):
-    _assert_ok(engine_results, "checkpoint")
+    assert_ok(engine_results, "checkpoint")
 
 
 if __name__ == "__main__":

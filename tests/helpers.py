@@ -1,0 +1,62 @@
+"""Helpers shared by the test modules (not a test module): the toy language-model corpus, and DeepSpeed-style
+ranks started as separate processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def lm_text(n_lines: int, seed: int) -> str:
+    """Sentences of a 13-word language ("the cat sees fish ."), one per line, drawn with ``seed``."""
+    rng = random.Random(seed)
+    subjects, verbs, objects = ["the cat", "a dog", "my bird"], ["sees", "likes", "eats"], ["fish", "a ball", "rice"]
+    return "".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} .\n" for _ in range(n_lines))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_rank_scripts(script: str, out: Path, args: list[str], world: int = 2, timeout: float = 400) -> list[dict]:
+    """Run ``python script out *args`` as ``world`` ranks with the environment DeepSpeed's launcher gives (one
+    thread each); each rank writes ``out/rank<r>.json``. Returns those, in rank order; fails the test with a
+    rank's log when it wrote nothing."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                   LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world), OMP_NUM_THREADS="1")
+        log = open(out / f"rank{rank}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, script, str(out), *args], env=env, stdout=log,
+                                       stderr=subprocess.STDOUT), log))
+    try:
+        for p, _ in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+            log.close()
+    per_rank = []
+    for rank in range(world):
+        path = out / f"rank{rank}.json"
+        if not path.exists():
+            pytest.fail(f"rank {rank} wrote no results; log:\n{(out / f'rank{rank}.log').read_text()[-4000:]}")
+        per_rank.append(json.loads(path.read_text()))
+    return per_rank
+
+
+def assert_ok(results: list[dict], name: str) -> None:
+    """Every rank reported check ``name`` as "ok" (else its traceback is the message)."""
+    for rank, r in enumerate(results):
+        assert r.get(name) == "ok", f"rank {rank}, {name}:\n{r.get(name)}"
