@@ -7,6 +7,7 @@ balancing and master leaf of the eFFF paper (arXiv 2405.16836). PAPERS.md §1 an
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -69,10 +70,23 @@ class FFF(FeedForwardBlock):
         """Logits of every node for every token: [S, d] -> [S, N]."""
         return F.linear(x, self.node_weight, self.node_bias)
 
+    def route(self, x: Tensor, leak_rate: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """Hard descent (:func:`fff_moe_plugin.tree.route`): path nodes [S, D], path logits [S, D], leaf [S],
+        and every node's logit [S, N] where the descent computed them (small trees), else None."""
+        nodes, logits, end, all_logits = tree.route(x, self.node_weight, self.node_bias, self.config.depth,
+                                                    leak_rate=leak_rate)
+        return nodes, logits, end - self.config.n_nodes, all_logits
+
     def descend(self, x: Tensor, leak_rate: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-        """Hard descent, computing only the visited nodes: (path nodes [S, D], path logits [S, D], leaf [S])."""
-        nodes, logits, end = tree.descend(x, self.node_weight, self.node_bias, self.config.depth, leak_rate=leak_rate)
-        return nodes, logits, end - self.config.n_nodes
+        """Hard descent: (path nodes [S, D], path logits [S, D], leaf [S])."""
+        return self.route(x, leak_rate)[:3]
+
+    def balance_logits(self, x: Tensor, routed: Optional[Tensor], leak_rate: float) -> Optional[Tensor]:
+        """Every node's logit [S, N], without region leak, for the leaf balancing loss (None when it is off);
+        the descent's own ``routed`` logits when it computed them with no leak."""
+        if self.config.load_balance != "leaf":
+            return None
+        return routed if routed is not None and leak_rate == 0 else self.node_logits(x)
 
     def leaf_gate(self, path_logits: Tensor) -> Tensor:
         """Weight of the chosen leaf's output in the hard forward: its path probability, or 1 for soft trees."""
@@ -108,9 +122,9 @@ class FFF(FeedForwardBlock):
         lead = x.shape[:-1]
         x = self._flatten_input(x)  # [S, d]
         if self.training and self.config.train_mode == "soft":
-            y, path_nodes, path_logits, leaf, leaf_p, harden_on = self._soft(x)
+            y, path_nodes, path_logits, leaf, leaf_p, harden_on, all_logits = self._soft(x)
         else:
-            y, path_nodes, path_logits, leaf, leaf_p, harden_on = self._hard(x)
+            y, path_nodes, path_logits, leaf, leaf_p, harden_on, all_logits = self._hard(x)
         y = self.master(x, y)  # [S, o]
 
         c = self.config
@@ -120,8 +134,6 @@ class FFF(FeedForwardBlock):
         if not self.training:
             losses = {"hardening": zero, "load_balance": zero}
             return BlockOutput(y.reshape(*lead, c.d_out), zero, losses, stats)
-        # hard mode has only the path's logits; the leaf balancing loss needs every node's
-        all_logits = self.node_logits(x) if c.load_balance == "leaf" and leaf_p is None else None
         aux, losses = tree_losses(
             c, path_nodes, path_logits, leaf, harden_on=harden_on, leaf_probs=leaf_p, all_logits=all_logits
         )
@@ -144,7 +156,7 @@ class FFF(FeedForwardBlock):
         y = mixed @ self.leaf_w2.reshape(L * l, c.d_out)  # [S, o]
         if self.leaf_b2 is not None:
             y = y + leaf_p.to(h.dtype) @ self.leaf_b2
-        return y, path_nodes, path_logits, end - c.n_nodes, leaf_p, logits
+        return y, path_nodes, path_logits, end - c.n_nodes, leaf_p, logits, None
 
     def _hard(self, x: Tensor):
         if not self.training and inference.kernels_apply(x, *self.parameters()):
@@ -153,11 +165,13 @@ class FFF(FeedForwardBlock):
             leaf = end - self.config.n_nodes
             w = (self.leaf_w1, self.leaf_b1, self.leaf_w2, self.leaf_b2)
             y = inference.leaf_mlp(x, leaf, self.leaf_gate(path_logits), *w, self.config.activation)
-            return y, path_nodes, path_logits, leaf, None, path_logits
+            return y, path_nodes, path_logits, leaf, None, path_logits, None
         leak = self.config.region_leak if self.training else 0.0
-        path_nodes, path_logits, leaf = self.descend(x, leak)
+        path_nodes, path_logits, leaf, routed = self.route(x, leak)
         y = self.leaves(x, leaf, self.leaf_gate(path_logits))
-        return y, path_nodes, path_logits, leaf, None, path_logits
+        # hard mode mixes no leaves; the leaf balancing loss needs every node's logit
+        all_logits = self.balance_logits(x, routed, leak) if self.training else None
+        return y, path_nodes, path_logits, leaf, None, path_logits, all_logits
 
     # -- interop with the reference package ----------------------------------------------------------
     @classmethod

@@ -88,6 +88,34 @@ def descend(
     return torch.stack(nodes, 1), torch.stack(logits, 1), node
 
 
+# Trees of up to this many nodes route with one GEMM over every node, then a gather per level: for small trees
+# that beats D gathers of node rows, forward and backward. Every hard router (the core layer, the DeepSpeed and
+# Tutel gates) routes through :func:`route`, so they all decide with the same arithmetic, to the last bit.
+FULL_LOGITS_MAX_NODES = 255
+
+
+def route(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    levels: int,
+    strict: bool = False,
+    leak_rate: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Hard descent as the layers run it: :func:`descend`'s ``(nodes, logits, end)`` plus ``all_logits``.
+
+    Trees of at most ``FULL_LOGITS_MAX_NODES`` nodes compute every node's logit with one GEMM and descend on
+    those (``all_logits`` [S, N], after region leak); deeper trees compute only the visited nodes
+    (``all_logits`` None). Both give the same routing and path logits up to float rounding.
+    """
+    if weight.shape[0] <= FULL_LOGITS_MAX_NODES:
+        all_logits = leak(F.linear(x, weight, bias), leak_rate)  # [S, N]
+        nodes, end = descend_from_logits(all_logits, levels, strict=strict)  # [S, D], [S]
+        return nodes, all_logits.gather(1, nodes), end, all_logits
+    nodes, logits, end = descend(x, weight, bias, levels, strict=strict, leak_rate=leak_rate)
+    return nodes, logits, end, None
+
+
 def descend_from_logits(logits: Tensor, levels: int, strict: bool = False) -> tuple[Tensor, Tensor]:
     """Hard descent given all node logits [S, N]; returns the visited nodes [S, levels] and the end [S]."""
     S = logits.shape[0]

@@ -69,6 +69,26 @@ def test_fffmoe_equals_core_fff_in_hard_mode_when_nothing_is_dropped(load_balanc
         assert torch.equal(back.get_parameter(name), p)
 
 
+@pytest.mark.parametrize("depth", [3, 8])
+def test_fffmoe_with_region_leak_routes_as_the_core_fff_under_one_seed(depth):
+    # both descend through tree.route, so the leak's random draws and the routing agree bit for bit
+    core = FFF(_cfg(depth=depth, region_leak=0.3, master_leaf=False)).train()
+    moe = FFFMoE.from_fff(core, capacity_factor=1000.0).train()
+    x = torch.randn(200, 8)
+    torch.manual_seed(11)
+    ref = core(x)
+    torch.manual_seed(11)
+    out = moe.forward_block(x)
+    assert torch.equal(out.stats["counts"], ref.stats["counts"])
+    torch.testing.assert_close(out.output, ref.output)
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss)
+    # not vacuous: the leak moved tokens away from their clean leaves
+    torch.manual_seed(11)
+    clean = FFF.descend(core, x)[2]
+    leaked = FFF.descend(core, x, 0.3)[2]
+    assert (clean != leaked).float().mean() > 0.2
+
+
 def test_fffmoe_init_draws_the_core_layers_weights():
     torch.manual_seed(3)
     core = FFF(_cfg())

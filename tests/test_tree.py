@@ -73,6 +73,33 @@ def test_descent_agrees_with_all_logits_and_leaf_paths(depth):
     assert torch.allclose(tree.path_log_prob(z, right), lp)
 
 
+@pytest.mark.parametrize("depth", [0, 3, 7, 8])
+def test_route_gives_the_descents_routing_with_every_logit_only_for_small_trees(depth):
+    # depth <= 7 (at most 255 nodes): one GEMM over every node; depth 8: only the visited nodes
+    x = torch.randn(64, 6, dtype=torch.float64)
+    w = torch.randn(tree.num_nodes(depth), 6, dtype=torch.float64)
+    b = torch.randn(tree.num_nodes(depth), dtype=torch.float64)
+    nodes, z, end, all_logits = tree.route(x, w, b, depth)
+    nodes2, z2, end2 = tree.descend(x, w, b, depth)
+    assert torch.equal(nodes, nodes2) and torch.equal(end, end2)
+    torch.testing.assert_close(z, z2, rtol=0, atol=1e-12)
+    if tree.num_nodes(depth) <= tree.FULL_LOGITS_MAX_NODES:
+        torch.testing.assert_close(all_logits, x @ w.t() + b, rtol=0, atol=1e-12)
+        assert torch.equal(all_logits.gather(1, nodes), z)
+    else:
+        assert all_logits is None
+
+
+@pytest.mark.parametrize("depth", [3, 8])
+def test_route_with_leak_one_takes_the_mirrored_path(depth):
+    x = torch.randn(32, 6)
+    w, b = torch.randn(tree.num_nodes(depth), 6), torch.randn(tree.num_nodes(depth))
+    nodes, z, end, _ = tree.route(x, w, b, depth, leak_rate=1.0)
+    mirrored = tree.descend(x, -w, -b, depth)
+    assert torch.equal(nodes, mirrored[0]) and torch.equal(end, mirrored[2])
+    torch.testing.assert_close(z, mirrored[1])
+
+
 def test_strict_descent_breaks_ties_to_the_left():
     x = torch.zeros(2, 3)
     w, b = torch.zeros(3, 3), torch.zeros(3)

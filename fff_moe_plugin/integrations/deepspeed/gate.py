@@ -20,9 +20,6 @@ from ...config import FFFConfig
 from ...fff import FFF
 from ...losses import tree_losses, tree_stats
 
-# trees up to this many nodes compute every node's logit with one GEMM instead of descending level by level
-FULL_LOGITS_MAX_NODES = 255
-
 
 class RoutingRecord(NamedTuple):
     """What one gate call decided, beyond DeepSpeed's tuple (read by :meth:`FFFMoE.forward_block`).
@@ -79,8 +76,14 @@ class TreeGate(nn.Module):
         self.node_bias = nn.Parameter(torch.empty(N).uniform_(-k, k)) if config.bias else None  # [N]
         self.last_record: Optional[RoutingRecord] = None
 
-    # the core layer's combine weight: path probability (the function itself, not a copy)
+    # the core layer's combine weight (path probability) and balancing-loss logits: the functions, not copies
     leaf_gate = FFF.leaf_gate
+    balance_logits = FFF.balance_logits
+
+    def node_logits(self, x: Tensor) -> Tensor:
+        """Every node's logit [S, N], on node weights cast to the (promoted) dtype of ``x``."""
+        b = self.node_bias.to(x.dtype) if self.node_bias is not None else None
+        return F.linear(x, self.node_weight.to(x.dtype), b)
 
     def _set_ep_group(self, ep_group: torch.distributed.ProcessGroup) -> None:
         if self.ep_group is not None and self.ep_group is not ep_group:
@@ -103,14 +106,8 @@ class TreeGate(nn.Module):
         w = self.node_weight.to(dtype)  # [N, d]
         b = self.node_bias.to(dtype) if self.node_bias is not None else None  # [N]
         leak = c.region_leak if self.training else 0.0
-        all_logits = None
-        if c.n_nodes <= FULL_LOGITS_MAX_NODES or (self.training and c.load_balance == "leaf"):
-            # one GEMM for every node beats D gathers for small trees (and the leaf loss needs them anyway)
-            all_logits = tree.leak(F.linear(x, w, b), leak)  # [S, N]
-            path_nodes, end = tree.descend_from_logits(all_logits, c.depth)  # [S, D], [S]
-            path_logits = all_logits.gather(1, path_nodes)  # [S, D]
-        else:
-            path_nodes, path_logits, end = tree.descend(x, w, b, c.depth, leak_rate=leak)  # [S, D], [S, D], [S]
+        # the core layer's descent on the (promoted) node weights: the same routing, to the last bit
+        path_nodes, path_logits, end, routed = tree.route(x, w, b, c.depth, leak_rate=leak)  # [S, D], [S, D], [S]
         leaf = end - c.n_nodes  # [S]
         gate = self.leaf_gate(path_logits)  # [S]
 
@@ -122,7 +119,8 @@ class TreeGate(nn.Module):
         kept = used & (location < capacity)  # [S]
         dropped = (used & ~kept).sum()
 
-        l_aux, losses = self._losses(x[used], w, b, path_nodes[used], path_logits[used], leaf[used],
+        all_logits = self.balance_logits(x, routed, leak) if self.training else None  # [S, N] or None
+        l_aux, losses = self._losses(path_nodes[used], path_logits[used], leaf[used],
                                      None if all_logits is None else all_logits[used])
         stats = {
             **tree_stats(c, leaf[used], path_logits),
@@ -157,16 +155,13 @@ class TreeGate(nn.Module):
             torch.distributed.all_reduce(capacity, op=torch.distributed.ReduceOp.MAX, group=self.ep_group)
         return capacity
 
-    def _losses(self, x: Tensor, w: Tensor, b: Optional[Tensor], path_nodes: Tensor, path_logits: Tensor,
-                leaf: Tensor, all_logits: Optional[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def _losses(self, path_nodes: Tensor, path_logits: Tensor, leaf: Tensor,
+                all_logits: Optional[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """The core layer's weighted aux loss and unweighted terms for the routed tokens; zeros in eval."""
-        c = self.config
         if not self.training:
-            zero = torch.zeros((), dtype=torch.float32, device=x.device)
+            zero = torch.zeros((), dtype=torch.float32, device=path_logits.device)
             return zero, {"hardening": zero, "load_balance": zero}
-        if c.load_balance == "leaf" and all_logits is None:  # the leaf distribution needs every node's logit
-            all_logits = F.linear(x, w, b)  # [S, N]
-        return tree_losses(c, path_nodes, path_logits, leaf, all_logits=all_logits)
+        return tree_losses(self.config, path_nodes, path_logits, leaf, all_logits=all_logits)
 
 
 def _arrival_rank(route: Tensor, n_groups: int) -> Tensor:

@@ -39,6 +39,7 @@ class TreeRoute(NamedTuple):
     leaf: [S] the leaf the descent reaches.
     leaf_log_probs: [S, L] log leaf probabilities in soft training (they weight the mixture), else None.
     harden_on: the logits the hardening entropy is taken over ([S, N] in soft training, [S, D] otherwise).
+    balance_logits: [S, N] every node's logit for the leaf balancing loss in hard training, else None.
     """
 
     path_nodes: Tensor
@@ -46,6 +47,7 @@ class TreeRoute(NamedTuple):
     leaf: Tensor
     leaf_log_probs: Tensor | None
     harden_on: Tensor
+    balance_logits: Tensor | None = None
 
 
 class TutelTreeGate(nn.Module):
@@ -59,7 +61,8 @@ class TutelTreeGate(nn.Module):
 
     # the core layer's router pieces, bound to this module (they read config, node_weight, node_bias, training)
     node_logits = FFF.node_logits
-    descend = FFF.descend
+    route = FFF.route
+    balance_logits = FFF.balance_logits
     leaf_gate = FFF.leaf_gate
 
     def __init__(self, model_dim: int, num_global_experts: int, config: FFFConfig, capacity_factor: float = 0.0):
@@ -91,8 +94,9 @@ class TutelTreeGate(nn.Module):
             self._route = TreeRoute(path_nodes, path_logits, end - c.n_nodes, log_p, logits)
             return log_p
         leak = c.region_leak if self.training else 0.0
-        path_nodes, path_logits, leaf = self.descend(x, leak)  # [S, D], [S, D], [S]
-        self._route = TreeRoute(path_nodes, path_logits, leaf, None, path_logits)
+        path_nodes, path_logits, leaf, routed = self.route(x, leak)  # [S, D], [S, D], [S], [S, N] or None
+        balance = self.balance_logits(x, routed, leak) if self.training else None
+        self._route = TreeRoute(path_nodes, path_logits, leaf, None, path_logits, balance)
         one_hot = torch.full((x.shape[0], c.n_leaves), float("-inf"), dtype=x.dtype, device=x.device)  # [S, L]
         return one_hot.scatter_(1, leaf[:, None], 0.0)
 

@@ -257,9 +257,8 @@ class TutelFFF(FeedForwardBlock):
 
         # the same terms as the core FFF's training forward
         leaf_p = route.leaf_log_probs.exp() if route.leaf_log_probs is not None else None  # [S, L]
-        all_logits = self.gate.node_logits(x) if c.load_balance == "leaf" and leaf_p is None else None  # [S, N]
         aux, losses = tree_losses(c, route.path_nodes, route.path_logits, route.leaf, harden_on=route.harden_on,
-                                  leaf_probs=leaf_p, all_logits=all_logits)
+                                  leaf_probs=leaf_p, all_logits=route.balance_logits)
         return BlockOutput(y.reshape(*lead, c.d_out), aux, losses, stats)
 
     @torch.no_grad()
