@@ -85,6 +85,8 @@ def worker(args) -> None:
                      "median_step_s": median, "params_per_rank": params})
     if rank == 0:
         report(rows, args)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # a gloo group alive at interpreter exit can abort the process
 
 
 def report(rows, args) -> None:

@@ -232,6 +232,8 @@ def worker(out_dir: str, checks: list[str]) -> None:
             results[name] = traceback.format_exc()
         torch.distributed.barrier()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # a gloo group alive at interpreter exit can abort the process
 
 
 # ---------------------------------------------------------------------------------------------------- tests

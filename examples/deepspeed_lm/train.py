@@ -216,6 +216,10 @@ def main() -> None:
     ppl = evaluate(engine, data["valid"], rank, world, micro, args.seq_len, args.eval_batches)
     if rank == 0:
         print(f"done: {args.steps} steps, validation perplexity {ppl:.1f}", flush=True)
+    # leave together and tear the process groups down: a gloo group still alive when the interpreter exits can
+    # abort the process ("terminate called without an active exception"), which the launcher reports as a failure
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
