@@ -61,6 +61,15 @@ def write(results: list[Result], out: Path, context: dict) -> dict[str, Path]:
         ax.scatter(r.ff_percent_used, r.valid_ppl)
         ax.annotate(r.label, (r.ff_percent_used, r.valid_ppl), fontsize=8)
     ax.set_xscale("log")
+    # plain-number ticks (1, 2, 5, 10, ...) within the data's range: the default log labels overlap on a narrow range
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    used = [r.ff_percent_used for r in results]
+    lo, hi = min(used) / 1.4, max(used) * 1.6
+    ax.set_xlim(lo, hi)
+    ax.xaxis.set_major_locator(FixedLocator([t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if lo <= t <= hi]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("% of feedforward parameters used per token")
     ax.set_ylabel("validation perplexity")
     ax.set_title("equal parameters")
