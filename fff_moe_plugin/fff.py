@@ -74,12 +74,17 @@ class FFF(FeedForwardBlock):
         """Hard descent (:func:`fff_moe_plugin.tree.route`): path nodes [S, D], path logits [S, D], leaf [S],
         and every node's logit [S, N] where the descent computed them (small trees), else None."""
         nodes, logits, end, all_logits = tree.route(x, self.node_weight, self.node_bias, self.config.depth,
-                                                    leak_rate=leak_rate)
+                                                    leak_rate=leak_rate, every_logit=self.needs_every_logit())
         return nodes, logits, end - self.config.n_nodes, all_logits
 
     def descend(self, x: Tensor, leak_rate: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
         """Hard descent: (path nodes [S, D], path logits [S, D], leaf [S])."""
         return self.route(x, leak_rate)[:3]
+
+    def needs_every_logit(self) -> bool:
+        """Whether this training step needs every node's logit (the leaf balancing loss), so routing computes
+        them in one GEMM whatever the depth."""
+        return self.training and self.config.load_balance == "leaf"
 
     def balance_logits(self, x: Tensor, routed: Optional[Tensor], leak_rate: float) -> Optional[Tensor]:
         """Every node's logit [S, N], without region leak, for the leaf balancing loss (None when it is off);

@@ -101,14 +101,16 @@ def route(
     levels: int,
     strict: bool = False,
     leak_rate: float = 0.0,
+    every_logit: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Hard descent as the layers run it: :func:`descend`'s ``(nodes, logits, end)`` plus ``all_logits``.
 
-    Trees of at most ``FULL_LOGITS_MAX_NODES`` nodes compute every node's logit with one GEMM and descend on
-    those (``all_logits`` [S, N], after region leak); deeper trees compute only the visited nodes
+    Trees of at most ``FULL_LOGITS_MAX_NODES`` nodes, and any tree with ``every_logit`` (the caller needs every
+    node's logit anyway, e.g. for the leaf balancing loss), compute every node's logit with one GEMM and descend
+    on those (``all_logits`` [S, N], after region leak); otherwise only the visited nodes are computed
     (``all_logits`` None). Both give the same routing and path logits up to float rounding.
     """
-    if weight.shape[0] <= FULL_LOGITS_MAX_NODES:
+    if every_logit or weight.shape[0] <= FULL_LOGITS_MAX_NODES:
         all_logits = leak(F.linear(x, weight, bias), leak_rate)  # [S, N]
         nodes, end = descend_from_logits(all_logits, levels, strict=strict)  # [S, D], [S]
         return nodes, all_logits.gather(1, nodes), end, all_logits

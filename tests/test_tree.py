@@ -90,6 +90,16 @@ def test_route_gives_the_descents_routing_with_every_logit_only_for_small_trees(
         assert all_logits is None
 
 
+def test_route_of_a_deep_tree_computes_every_logit_when_asked():
+    x = torch.randn(64, 6, dtype=torch.float64)
+    w, b = torch.randn(tree.num_nodes(8), 6, dtype=torch.float64), torch.randn(tree.num_nodes(8), dtype=torch.float64)
+    nodes, z, end, all_logits = tree.route(x, w, b, 8, every_logit=True)
+    nodes2, z2, end2 = tree.descend(x, w, b, 8)
+    assert torch.equal(nodes, nodes2) and torch.equal(end, end2)
+    torch.testing.assert_close(z, z2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(all_logits, x @ w.t() + b, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("depth", [3, 8])
 def test_route_with_leak_one_takes_the_mirrored_path(depth):
     x = torch.randn(32, 6)

@@ -78,6 +78,7 @@ class TreeGate(nn.Module):
 
     # the core layer's combine weight (path probability) and balancing-loss logits: the functions, not copies
     leaf_gate = FFF.leaf_gate
+    needs_every_logit = FFF.needs_every_logit
     balance_logits = FFF.balance_logits
 
     def node_logits(self, x: Tensor) -> Tensor:
@@ -107,7 +108,8 @@ class TreeGate(nn.Module):
         b = self.node_bias.to(dtype) if self.node_bias is not None else None  # [N]
         leak = c.region_leak if self.training else 0.0
         # the core layer's descent on the (promoted) node weights: the same routing, to the last bit
-        path_nodes, path_logits, end, routed = tree.route(x, w, b, c.depth, leak_rate=leak)  # [S, D], [S, D], [S]
+        path_nodes, path_logits, end, routed = tree.route(  # [S, D], [S, D], [S], [S, N] or None
+            x, w, b, c.depth, leak_rate=leak, every_logit=self.needs_every_logit())
         leaf = end - c.n_nodes  # [S]
         gate = self.leaf_gate(path_logits)  # [S]
 

@@ -62,6 +62,7 @@ class TutelTreeGate(nn.Module):
     # the core layer's router pieces, bound to this module (they read config, node_weight, node_bias, training)
     node_logits = FFF.node_logits
     route = FFF.route
+    needs_every_logit = FFF.needs_every_logit
     balance_logits = FFF.balance_logits
     leaf_gate = FFF.leaf_gate
 
