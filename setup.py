@@ -17,7 +17,9 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(include=["fff_moe_plugin", "fff_moe_plugin.*"]),
-    package_data={"fff_moe_plugin": ["ops/csrc/*", "configs/**/*"]},
+    # the C++ source of the inference kernels, built at first use; the example configs under configs/ are
+    # repository files that the README runs from a checkout, and the --arch presets live in Python
+    package_data={"fff_moe_plugin": ["ops/csrc/*.cpp"]},
     # torch is a floor, not a pin: the set-up installs the build it wants first (a CPU wheel here), and a
     # range that admits a newer release would make pip download a multi-GB CUDA build on CPU machines.
     # ninja builds the CPU inference kernels at first use (without it, the vectorised torch path runs)

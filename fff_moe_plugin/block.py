@@ -79,6 +79,42 @@ class FeedForwardBlock(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    # -- the config travels with the weights ---------------------------------------------------------
+    # state_dict() holds "<prefix>_extra_state" = {"kind": ..., "config": {...}} (plain Python values, so
+    # torch.load(weights_only=True) reads it). Loading checks it against this layer's config and refuses weights
+    # trained under a config that computes another function (config.BlockConfig.check_loadable). State dicts
+    # written before the config travelled have no such entry and load unchecked.
+    def get_extra_state(self) -> dict:
+        return {"kind": self.config.kind, "config": self.config.to_dict()}
+
+    def set_extra_state(self, state) -> None:
+        self.config.check_loadable(state)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "_extra_state"
+        if key in state_dict:
+            self.config.check_loadable(state_dict[key], where=prefix.rstrip("."))
+        else:
+            state_dict[key] = self.get_extra_state()  # an older state dict: nothing to check against
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @classmethod
+    def from_state_dict(cls, state_dict, prefix: str = "", strict: bool = True):
+        """The block its state dict describes: built from the saved config, with the saved weights."""
+        key = prefix + "_extra_state"
+        saved = state_dict.get(key)
+        if not isinstance(saved, dict) or "config" not in saved:
+            raise ValueError(
+                f"{cls.__name__}.from_state_dict: {key!r} holds no saved config (state dicts written before "
+                f"configs travelled with the weights); build the layer from its config and load_state_dict instead"
+            )
+        block = cls(cls.config_class.from_dict(saved["config"]))
+        own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        block.load_state_dict(own, strict=strict)
+        return block
+
     def zero(self) -> Tensor:
         """A float32 scalar zero on the block's device (for losses in eval)."""
         return torch.zeros((), dtype=torch.float32, device=next(self.parameters()).device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 
@@ -35,6 +36,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def check_finite(args: argparse.Namespace) -> None:
+    """Refuse NaN and +-inf in every float option of every sub-command (argparse's ``type=float`` takes them)."""
+    for dest, value in vars(args).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            flag = "--" + dest.replace("_", "-")
+            raise ValueError(f"{flag} {bad[0]} is not allowed: must be a finite number")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
@@ -42,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(chosen if chosen in COMMANDS else "").parse_args(argv)
     module = importlib.import_module(f"fff_moe_plugin.commands.{COMMANDS[args.command][0]}")
     try:
+        check_finite(args)
         return int(module.run(args) or 0)
     except (ValueError, FileNotFoundError, ImportError) as e:
         # bad input and missing extras: the message says what was wrong and what to do

@@ -5,6 +5,13 @@ command line) copy values by field name through :meth:`BlockConfig.from_dict`, w
 Every bad value raises ``ValueError`` naming the field, the value and what is allowed, before any tensor
 is allocated.
 
+Configs are frozen: once validated they cannot be changed (``dataclasses.replace`` makes a changed, validated
+copy), so a layer always computes what its config says. ``FUNCTION_FIELDS`` names the fields that change the
+function a layer's weights compute (shapes, activation, how eval scales the leaves); a layer's state_dict
+carries its config, and a load that would change one of those fields is refused (see
+:meth:`BlockConfig.check_loadable`). The other fields (regularisers, dropout, initialisation scale) only act
+in training and may differ, e.g. to fine-tune with another hardening weight.
+
 Each config also knows its exact parameter count and how many of those parameters one token reads, so
 that parameter matching needs no model to be built (the tests check both against the built modules).
 """
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -35,23 +43,32 @@ class BlockConfig:
     kind: ClassVar[str] = ""
 
     # -- validation helpers -------------------------------------------------------------------------
+    def _set(self, field: str, value: Any) -> None:
+        """Normalise a field during validation (the dataclass is frozen afterwards)."""
+        object.__setattr__(self, field, value)
+
     def _int(self, field: str, minimum: int, maximum: int | None = None) -> None:
         value = getattr(self, field)
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(type(self).__name__, field, value, "an integer is required")
+        # numbers.Integral admits numpy and torch integer scalars; bool is an int subclass but never a size
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            _fail(type(self).__name__, field, value, f"an integer is required, got {type(value).__name__}")
+        value = int(value)
         if value < minimum or (maximum is not None and value > maximum):
             rng = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
             _fail(type(self).__name__, field, value, f"must be an integer {rng}")
+        self._set(field, value)
 
     def _float(self, field: str, low: float, high: float | None = None, high_open: bool = False) -> None:
         value = getattr(self, field)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            _fail(type(self).__name__, field, value, "a number is required")
+        hi = "inf)" if high is None else (f"{high})" if high_open else f"{high}]")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            _fail(type(self).__name__, field, value, f"a finite number in [{low}, {hi} is required")
+        value = float(value)
+        # NaN and +-inf are refused for every float field: they pass ordinary comparisons or poison training
         too_high = high is not None and (value >= high if high_open else value > high)
-        if value < low or too_high:
-            hi = "inf)" if high is None else (f"{high})" if high_open else f"{high}]")
-            _fail(type(self).__name__, field, value, f"must be in [{low}, {hi}")
-        setattr(self, field, float(value))
+        if not math.isfinite(value) or value < low or too_high:
+            _fail(type(self).__name__, field, value, f"must be a finite number in [{low}, {hi}")
+        self._set(field, value)
 
     def _choice(self, field: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, field)
@@ -76,6 +93,11 @@ class BlockConfig:
     def from_dict(cls, values: Mapping[str, Any]):
         """Build from a mapping; unknown keys raise ``ValueError`` listing the known ones."""
         names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        if not isinstance(values, Mapping):
+            raise ValueError(
+                f"{cls.__name__}.from_dict takes a mapping of field names to values (a dict), got "
+                f"{type(values).__name__}; fields: {', '.join(names)}"
+            )
         unknown = sorted(set(values) - set(names))
         if unknown:
             raise ValueError(
@@ -85,6 +107,38 @@ class BlockConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    # -- the config that travels with the weights ----------------------------------------------------
+    FUNCTION_FIELDS: ClassVar[tuple[str, ...]] = ()
+    BLOCK_NAME: ClassVar[str] = "the block class"
+
+    def kind_class_hint(self) -> str:
+        return self.BLOCK_NAME
+
+    def check_loadable(self, saved: Any, where: str = "") -> None:
+        """Refuse weights saved under a config that computes another function than this one.
+
+        ``saved`` is the ``{"kind": ..., "config": {...}}`` record a block keeps in its state_dict. Fields in
+        ``FUNCTION_FIELDS`` must be equal; training-only fields may differ. Raises ``ValueError`` naming the
+        first field that differs, with both values.
+        """
+        name = type(self).__name__
+        at = f" (at {where!r})" if where else ""
+        if not isinstance(saved, Mapping) or not isinstance(saved.get("config"), Mapping):
+            raise ValueError(f"{name}{at}: the saved block config is not a record of the expected form: {saved!r}")
+        if saved.get("kind") != self.kind:
+            raise ValueError(
+                f"{name}{at}: the weights were saved by a {saved.get('kind')!r} block, this is a {self.kind!r} block"
+            )
+        config = saved["config"]
+        for field in self.FUNCTION_FIELDS:
+            mine, theirs = getattr(self, field), config.get(field, getattr(self, field))
+            if mine != theirs:
+                raise ValueError(
+                    f"{name}.{field}{at}: the weights were trained with {field} = {theirs!r}, this layer has "
+                    f"{field} = {mine!r}, which computes another function with them; build the layer from the "
+                    f"saved config instead (e.g. {self.kind_class_hint()}.from_state_dict(state_dict))"
+                )
 
     # -- counting -----------------------------------------------------------------------------------
     def num_parameters(self) -> int:
@@ -98,11 +152,12 @@ class BlockConfig:
         return self.num_parameters_per_token() / self.num_parameters()
 
 
-@dataclass
+@dataclass(frozen=True)
 class FFFConfig(BlockConfig):
     """Leaf-MLP fast feedforward tree (Belcak & Wattenhofer 2023, arXiv 2308.14711; eFFF 2405.16836)."""
 
     kind: ClassVar[str] = "fff"
+    BLOCK_NAME: ClassVar[str] = "FFF"
 
     # shape
     d_model: int
@@ -124,6 +179,11 @@ class FFFConfig(BlockConfig):
     master_leaf_width: int | None = None  # None: same as leaf_width
 
     TRAIN_MODES: ClassVar[tuple[str, ...]] = ("soft", "hard")
+    # train_mode is among them: eval scales the chosen leaf by its path probability only for hard-trained trees
+    FUNCTION_FIELDS: ClassVar[tuple[str, ...]] = (
+        "d_model", "leaf_width", "depth", "d_out", "activation", "bias", "train_mode", "master_leaf",
+        "master_leaf_width",
+    )
     LOAD_BALANCE: ClassVar[tuple[str, ...]] = ("none", "leaf", "node")
 
     def __post_init__(self) -> None:
@@ -131,7 +191,7 @@ class FFFConfig(BlockConfig):
         self._int("leaf_width", 1)
         self._int("depth", 0, MAX_DEPTH)
         if self.d_out is None:
-            self.d_out = self.d_model
+            self._set("d_out", self.d_model)
         self._int("d_out", 1)
         self._choice("activation", ACTIVATIONS)
         self._bool("bias")
@@ -142,9 +202,13 @@ class FFFConfig(BlockConfig):
         self._choice("load_balance", self.LOAD_BALANCE)
         self._float("load_balance_coef", 0.0)
         self._bool("master_leaf")
-        if self.master_leaf_width is None:
-            self.master_leaf_width = self.leaf_width
-        self._int("master_leaf_width", 1)
+        if self.master_leaf:
+            if self.master_leaf_width is None:
+                self._set("master_leaf_width", self.leaf_width)
+            self._int("master_leaf_width", 1)
+        elif self.master_leaf_width is not None:
+            _fail(type(self).__name__, "master_leaf_width", self.master_leaf_width,
+                  "sets the width of the master leaf, so it needs master_leaf = true (leave it unset without one)")
         self._size_limit()
 
     @property
@@ -176,7 +240,7 @@ class FFFConfig(BlockConfig):
         return nodes + self._leaf_params(self.leaf_width) + self._master_params()
 
 
-@dataclass
+@dataclass(frozen=True)
 class UltraFastConfig(BlockConfig):
     """Path-neuron FFF of UltraFastBERT (Belcak & Wattenhofer 2023, arXiv 2311.10770).
 
@@ -184,6 +248,7 @@ class UltraFastConfig(BlockConfig):
     """
 
     kind: ClassVar[str] = "path_neuron"
+    BLOCK_NAME: ClassVar[str] = "UltraFastFFF"
 
     d_model: int
     depth: int
@@ -193,13 +258,14 @@ class UltraFastConfig(BlockConfig):
     output_bias: bool = False
     train_mode: str = "masked"  # masked: all neurons computed, unvisited ones zeroed; sparse: visited only
 
-    TRAIN_MODES: ClassVar[tuple[str, ...]] = ("masked", "sparse")
+    TRAIN_MODES: ClassVar[tuple[str, ...]] = ("masked", "sparse")  # the same function, computed two ways
+    FUNCTION_FIELDS: ClassVar[tuple[str, ...]] = ("d_model", "depth", "d_out", "activation", "bias", "output_bias")
 
     def __post_init__(self) -> None:
         self._int("d_model", 1)
         self._int("depth", 0, MAX_DEPTH - 1)
         if self.d_out is None:
-            self.d_out = self.d_model
+            self._set("d_out", self.d_model)
         self._int("d_out", 1)
         self._choice("activation", ACTIVATIONS)
         self._bool("bias")
@@ -221,11 +287,12 @@ class UltraFastConfig(BlockConfig):
         return (self.depth + 1) * self._neuron_params() + int(self.output_bias) * self.d_out
 
 
-@dataclass
+@dataclass(frozen=True)
 class SigmaMoEConfig(BlockConfig):
     """sigma-MoE (Csordas, Irie & Schmidhuber 2023, arXiv 2310.10837)."""
 
     kind: ClassVar[str] = "sigma_moe"
+    BLOCK_NAME: ClassVar[str] = "SigmaMoE"
 
     d_model: int
     n_experts: int
@@ -237,6 +304,8 @@ class SigmaMoEConfig(BlockConfig):
     entropy_coef: float = 1e-3  # gamma: weight of sum(p_bar * log p_bar)
     weight_scale: float = 1.0  # w in the paper's init; sqrt(2 / n_layers) for pre-LN stacks
 
+    FUNCTION_FIELDS: ClassVar[tuple[str, ...]] = ("d_model", "n_experts", "expert_size", "top_k", "d_out", "activation")
+
     def __post_init__(self) -> None:
         self._int("d_model", 1)
         self._int("n_experts", 1)
@@ -245,7 +314,7 @@ class SigmaMoEConfig(BlockConfig):
         if self.top_k > self.n_experts:
             _fail(type(self).__name__, "top_k", self.top_k, f"must be <= n_experts ({self.n_experts})")
         if self.d_out is None:
-            self.d_out = self.d_model
+            self._set("d_out", self.d_model)
         self._int("d_out", 1)
         self._choice("activation", ACTIVATIONS)
         self._float("expert_dropout", 0.0, 1.0, high_open=True)
@@ -262,11 +331,12 @@ class SigmaMoEConfig(BlockConfig):
         return self.n_experts * self.d_model + self.top_k * self.expert_size * (self.d_model + self.d_out)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PKMConfig(BlockConfig):
     """Product-key memory (Lample et al. 2019) as configured by Csordas et al. 2023 (query = x)."""
 
     kind: ClassVar[str] = "pkm"
+    BLOCK_NAME: ClassVar[str] = "PKM"
 
     d_model: int
     n_keys: int  # sub-keys per half; n_keys**2 value slots
@@ -276,6 +346,7 @@ class PKMConfig(BlockConfig):
     score_activation: str = "relu"  # relu | softmax over the knn selected scores
 
     SCORE_ACTIVATIONS: ClassVar[tuple[str, ...]] = ("relu", "softmax")
+    FUNCTION_FIELDS: ClassVar[tuple[str, ...]] = ("d_model", "n_keys", "n_heads", "knn", "d_out", "score_activation")
 
     def __post_init__(self) -> None:
         self._int("d_model", 2)
@@ -287,7 +358,7 @@ class PKMConfig(BlockConfig):
         if self.knn > self.n_keys**2:
             _fail(type(self).__name__, "knn", self.knn, f"must be <= n_keys**2 ({self.n_keys**2})")
         if self.d_out is None:
-            self.d_out = self.d_model
+            self._set("d_out", self.d_model)
         self._int("d_out", 1)
         self._choice("score_activation", self.SCORE_ACTIVATIONS)
         self._size_limit()
@@ -300,11 +371,12 @@ class PKMConfig(BlockConfig):
         return self.n_heads * self.n_keys * self.d_model + self.n_heads * self.knn * self.d_out
 
 
-@dataclass
+@dataclass(frozen=True)
 class DenseConfig(BlockConfig):
     """The two-layer feedforward block every other block is compared with."""
 
     kind: ClassVar[str] = "dense"
+    BLOCK_NAME: ClassVar[str] = "DenseFFN"
 
     d_model: int
     d_ff: int
@@ -313,11 +385,13 @@ class DenseConfig(BlockConfig):
     bias: bool = True
     dropout: float = 0.0  # on the hidden activations, training only
 
+    FUNCTION_FIELDS: ClassVar[tuple[str, ...]] = ("d_model", "d_ff", "d_out", "activation", "bias")
+
     def __post_init__(self) -> None:
         self._int("d_model", 1)
         self._int("d_ff", 1)
         if self.d_out is None:
-            self.d_out = self.d_model
+            self._set("d_out", self.d_model)
         self._int("d_out", 1)
         self._choice("activation", ACTIVATIONS)
         self._bool("bias")
@@ -331,7 +405,3 @@ class DenseConfig(BlockConfig):
     def num_parameters_per_token(self) -> int:
         return self.num_parameters()
 
-
-CONFIGS: dict[str, type[BlockConfig]] = {
-    c.kind: c for c in (FFFConfig, UltraFastConfig, SigmaMoEConfig, PKMConfig, DenseConfig)
-}

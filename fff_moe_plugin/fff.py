@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from . import tree
 from .block import BlockOutput, FeedForwardBlock, activation_fn
 from .config import FFFConfig
-from .losses import tree_losses, tree_stats
+from .losses import tree_losses, tree_stats, warn_nonfinite
 from .ops import inference
 from .ops.grouped import grouped_mlp
 
@@ -135,6 +135,7 @@ class FFF(FeedForwardBlock):
         c = self.config
         zero = self.zero()
         stats = tree_stats(c, leaf, path_logits)
+        warn_nonfinite(self, stats, type(self).__name__)
         stats["master_gate"] = torch.sigmoid(self.master_gate.detach().float()) if c.master_leaf else zero + 1.0
         if not self.training:
             losses = {"hardening": zero, "load_balance": zero}

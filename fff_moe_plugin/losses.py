@@ -6,6 +6,8 @@ Axes: S tokens, N nodes, L leaves, D depth, E experts.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -110,10 +112,33 @@ def tree_losses(
 
 
 def tree_stats(config: FFFConfig, leaf: Tensor, path_logits: Tensor) -> dict[str, Tensor]:
-    """Detached routing statistics of a tree: tokens per leaf, unused leaves, mean decision entropy."""
+    """Detached routing statistics of a tree: tokens per leaf, unused leaves, mean decision entropy, and the
+    tokens whose node logits are not finite (NaN or inf inputs: their descent goes left at a NaN decision, so
+    they are routed, and counted, but their routing means nothing)."""
     counts = torch.bincount(leaf.detach(), minlength=config.n_leaves).float()  # [L]
+    logits = path_logits.detach()
+    finite = torch.isfinite(logits).all(-1)  # [S]
     return {
         "counts": counts,
         "unused_leaves": (counts == 0).sum().float(),
-        "decision_entropy": hardening_loss(path_logits.detach()),
+        "decision_entropy": hardening_loss(logits[finite]),
+        "nonfinite_tokens": (~finite).sum().float(),
     }
+
+
+def warn_nonfinite(owner: object, stats: dict[str, Tensor], name: str) -> None:
+    """Warn once per ``owner`` when a call routed tokens with non-finite node logits.
+
+    Reading the count is a host sync, so it is done for CPU tensors only; on accelerators the count is in
+    ``stats["nonfinite_tokens"]`` (the fairseq criterion logs it)."""
+    count = stats["nonfinite_tokens"]
+    if getattr(owner, "_warned_nonfinite", False) or count.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    n = int(count.item())
+    if n:
+        warnings.warn(
+            f"{name}: {n} token(s) reached the tree with non-finite node logits (NaN or inf in the input or the "
+            f"weights); they were routed by a meaningless comparison. stats['nonfinite_tokens'] counts them in "
+            f"every call; this warning is given once per layer", RuntimeWarning, stacklevel=3,
+        )
+        object.__setattr__(owner, "_warned_nonfinite", True)

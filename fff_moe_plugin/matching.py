@@ -28,6 +28,13 @@ class Match:
         return 100.0 * self.params_per_token / self.params
 
 
+def _positive(minimum: int = 1, **values: int) -> None:
+    """Refuse sizes below ``minimum`` (and non-integers) before any config is built, naming the argument."""
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise ValueError(f"{name} = {v!r} is not allowed: must be an integer >= {minimum}")
+
+
 def _closest(candidates: list[BlockConfig], target: int) -> BlockConfig:
     return min(candidates, key=lambda c: abs(c.num_parameters() - target))
 
@@ -40,6 +47,7 @@ def match_fff(
     Without a depth, the one whose leaves come closest to ``leaf_target`` units (by default the sigma-MoE
     paper's expert size, so that leaves and experts are alike).
     """
+    _positive(leaf_target=leaf_target)
     if depth is None:
         per_unit = 2 * d_model + 2  # one unit of leaf width costs about d_in + d_out + 2 parameters
         depth = max(0, round(math.log2(max(1.0, target / per_unit / leaf_target))))
@@ -86,6 +94,9 @@ def match(d_model: int, dense_ffn: int, kinds: tuple[str, ...] | list[str] = KIN
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise ValueError(f"unknown block kind(s) {', '.join(unknown)}; allowed: {', '.join(KINDS)}")
+    _positive(expert_size=expert_size, top_k=top_k, pkm_heads=pkm_heads, pkm_knn=pkm_knn)
+    if fff_depth is not None:
+        _positive(minimum=0, fff_depth=fff_depth)
     dense = DenseConfig(d_model=d_model, d_ff=dense_ffn, activation=activation)
     target = dense.num_parameters()
     builders = {

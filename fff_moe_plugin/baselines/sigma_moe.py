@@ -17,8 +17,10 @@ from ..ops.grouped import grouped_mlp
 class SigmaMoE(FeedForwardBlock):
     """E experts of size G selected top-K by a sigmoid gate; no biases.
 
-    ``s = sigmoid(x W_sel^T)``; in training, expert dropout removes each (token, expert) pair from the
-    selection with probability ``expert_dropout``; ``y = sum over the top-K e of s_e * (act(x K_e) V_e)``.
+    ``s = sigmoid(x W_sel^T)``; in training, expert dropout removes each (token, expert) pair with probability
+    ``expert_dropout``; ``y = sum over the top-K e of s_e * (act(x K_e) V_e)``. A removed expert is not
+    selected while K others survive, and never contributes (the paper's reference code selects it anyway when
+    fewer than K survive, which makes the dropout a no-op at ``top_k = n_experts``).
 
     Contract: ``forward(x [..., d_model]) -> BlockOutput``. ``aux_loss`` is ``entropy_coef *
     sum_e p_bar_e log p_bar_e`` with p_bar the batch mean of softmax(selection logits) over this call's
@@ -48,16 +50,22 @@ class SigmaMoE(FeedForwardBlock):
         S = x.shape[0]
         logits = x @ self.selection.t()  # [S, E]
         choose_on = logits
+        dropped = None
         if self.training and c.expert_dropout > 0:
-            dropped = torch.rand_like(logits, dtype=torch.float32) < c.expert_dropout
+            dropped = torch.rand_like(logits, dtype=torch.float32) < c.expert_dropout  # [S, E]
             choose_on = logits.masked_fill(dropped, float("-inf"))
         _, idx = choose_on.topk(c.top_k, dim=-1)  # [S, K]
         gate = torch.sigmoid(logits.gather(1, idx))  # [S, K]
+        if dropped is not None:
+            # a dropped expert contributes nothing, also when fewer than K experts survive (with top_k =
+            # n_experts every expert is selected, so without this the dropout would have no effect)
+            gate = gate.masked_fill(dropped.gather(1, idx), 0.0)
         token = torch.arange(S, device=x.device)[:, None].expand(S, c.top_k)
         y = grouped_mlp(
             x, token.reshape(-1), idx.reshape(-1), gate.reshape(-1), self.keys, None, self.values, None, self.act
         )  # [S, o]
-        counts = torch.bincount(idx.reshape(-1), minlength=c.n_experts).float()
+        used = idx if dropped is None else idx.masked_fill(dropped.gather(1, idx), c.n_experts)
+        counts = torch.bincount(used.reshape(-1), minlength=c.n_experts + 1)[: c.n_experts].float()
         stats = {"counts": counts}
         if not self.training:
             zero = self.zero()

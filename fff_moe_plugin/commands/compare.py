@@ -41,24 +41,24 @@ def run(args: argparse.Namespace) -> int:
     from ..integrations.fairseq.presets import SETTINGS
 
     if args.setting not in SETTINGS:
-        raise SystemExit(f"--setting {args.setting!r} is not allowed: must be one of {', '.join(SETTINGS)}")
+        raise ValueError(f"--setting {args.setting!r} is not allowed: must be one of {', '.join(SETTINGS)}")
     updates = round(args.max_update * args.scale)
     if updates < 1:
-        raise SystemExit(f"--max-update x --scale = {updates} is not allowed: at least 1 update is needed")
+        raise ValueError(f"--max-update x --scale = {updates} is not allowed: at least 1 update is needed")
     setting = SETTINGS[args.setting]
     runs = comparison.default_runs(setting, args.fff_train_mode)
     if args.only:
         labels = [r.label for r in runs]
         unknown = [m for m in args.only if m not in labels]
         if unknown:
-            raise SystemExit(f"--only {' '.join(unknown)} is not allowed: choose from {' '.join(labels)}")
+            raise ValueError(f"--only {' '.join(unknown)} is not allowed: choose from {' '.join(labels)}")
         runs = [r for r in runs if r.label in args.only]
     out = Path(args.out)
     start = time.time()
     if args.data:
         data = Path(args.data)
         if not (data / "dict.txt").is_file():
-            raise SystemExit(f"--data {data} is not a fairseq data-bin (no dict.txt)")
+            raise ValueError(f"--data {data} is not a fairseq data-bin (no dict.txt)")
     else:
         data = out / f"ptb-{args.tokenizer}" / "data-bin"
         if not (data / "dict.txt").is_file():

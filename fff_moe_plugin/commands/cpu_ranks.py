@@ -18,6 +18,6 @@ def run(args: argparse.Namespace) -> int:
 
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     if not train_args:
-        raise SystemExit("give the fairseq-train arguments after '--'")
+        raise ValueError("give the fairseq-train arguments after '--'")
     require_fairseq()
     return run_ranks(train_args, args.nprocs, args.log_dir)

