@@ -57,7 +57,9 @@ def initialize(
     ``deepspeed.init_distributed`` (backend: ``dist_backend`` or the accelerator's), the replacement (printed
     on rank 0 when ``verbose``), and ``deepspeed.initialize(model=model, config=<config without the block>,
     **kwargs)``. Pass no ``model_parameters`` or optimizer instance built before the call: they would hold
-    the replaced modules' parameters (a callable optimizer factory is fine).
+    the replaced modules' parameters (a callable optimizer factory is fine). When the model has MoE layers and
+    DeepSpeed would clip at ZeRO stage 0 in fp32, the engine clips by the true global gradient norm
+    (:func:`install_global_norm_clipping`), so that training is the same at every ``ep_size``.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -74,6 +76,13 @@ def initialize(
             if hasattr(args, name):
                 setattr(args, name, None)
     ds_config, block = read_config(config)
+    moe_model = block is not None or _has_moe_layers(model)
+    if moe_model and kwargs.get("mpu") is not None and _stage0_fp32_clipping(ds_config):
+        raise ValueError(
+            f"gradient_clipping = {ds_config.get('gradient_clipping', 1.0)!r} with an mpu is not allowed for a model "
+            "with MoE layers at ZeRO stage 0 in fp32: the gradient norm would leave out the experts held by other "
+            'ranks; use "gradient_clipping": 0, or ZeRO stage 1 or 2 ("zero_optimization": {"stage": 1})'
+        )
     plan = []
     if block is not None:
         plan = plan_replacements(model, block)
@@ -95,7 +104,104 @@ def initialize(
             print(f"fff_moe: replaced {len(plan)} module(s)", flush=True)
             for r in plan:
                 print("  " + r.describe(block), flush=True)
-    return deepspeed.initialize(args=args, model=model, config=ds_config, **kwargs)
+    out = deepspeed.initialize(args=args, model=model, config=ds_config, **kwargs)
+    install_global_norm_clipping(out[0])
+    return out
+
+
+def _has_moe_layers(model: nn.Module) -> bool:
+    from deepspeed.moe.layer import MoE
+
+    return any(isinstance(m, MoE) for m in model.modules())
+
+
+def _stage0_fp32_clipping(ds_config: Mapping[str, Any]) -> bool:
+    """Whether DeepSpeed clips in ``DeepSpeedEngine.clip_fp32_gradients`` (ZeRO stage 0, neither fp16 nor bf16,
+    ``gradient_clipping`` > 0), read with DeepSpeed's own config parsers and defaults."""
+    from deepspeed.runtime.config import get_gradient_clipping
+    from deepspeed.runtime.precision_config import get_bfloat16_config, get_float16_config
+    from deepspeed.runtime.zero.config import get_zero_config
+
+    return (get_gradient_clipping(ds_config) > 0 and get_zero_config(ds_config).stage == 0
+            and not get_float16_config(ds_config).enabled and not get_bfloat16_config(ds_config).enabled)
+
+
+# -- gradient clipping at ZeRO stage 0 -----------------------------------------------------------------------
+# At ZeRO stage 0 in fp32, DeepSpeed 0.19's engine clips in DeepSpeedEngine.clip_fp32_gradients, which calls
+# deepspeed.runtime.utils.clip_grad_norm_. That function takes each rank's norm of the gradients it holds and
+# averages those norms over the data-parallel group. With ep_size > 1 a rank holds only its own experts, so the
+# average is not the norm of the model's gradient: the experts held by other ranks drop out, the clipping factor
+# depends on ep_size, and a run at ep_size 2 trains differently from the same run at ep_size 1. The engines built
+# here compute the true global norm instead and scale as clip_grad_norm_ does. (ZeRO 1 and 2 compute the norm
+# in their optimizer, with experts counted once, and fp16 / bf16 at stage 0 use their optimizer's norm; neither
+# goes through clip_fp32_gradients.)
+
+def global_grad_norm(parameters) -> Tensor:
+    """The 2-norm of the whole model's gradient (float32 scalar), the same on every rank; a collective.
+
+    Replicated (non-expert) gradients are counted once: after DeepSpeed's all-reduce every rank holds the same
+    ones. Expert gradients (``allreduce = False``) are counted once per global expert: the sum of squares over
+    this rank's experts is all-reduced over the expert-parallel group of their ``group_name`` (``"ep_size_N"``),
+    which holds each expert once; the expert-data-parallel replicas hold copies and are not added.
+    """
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.utils import groups
+
+    dense: list[Tensor] = []
+    experts: dict[str, list[Tensor]] = {}
+    for p in parameters:
+        if is_moe_param(p):
+            experts.setdefault(p.group_name, []).append(p)
+        else:
+            dense.append(p)
+
+    def square_sum(params: list[Tensor], device) -> Tensor:
+        norms = [p.grad.detach().float().norm(2) for p in params if p.grad is not None]
+        return torch.stack(norms).square().sum() if norms else torch.zeros((), device=device)
+
+    device = next((p.grad.device for p in [*dense, *sum(experts.values(), [])] if p.grad is not None),
+                  get_accelerator().current_device_name())
+    total = square_sum(dense, device)
+    ep_groups = groups._get_expert_parallel_group_dict()
+    for name in sorted(experts):  # the same order on every rank: these are collectives
+        part = square_sum(experts[name], total.device)
+        if name in ep_groups:
+            if dist.get_world_size(group=ep_groups[name]) > 1:
+                dist.all_reduce(part, group=ep_groups[name])
+        elif dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError(f"expert parameters name the expert-parallel group {name!r}, which DeepSpeed has not "
+                             "created; build the MoE layers after deepspeed.init_distributed(...)")
+        total = total + part
+    return total.sqrt()
+
+
+def install_global_norm_clipping(engine) -> bool:
+    """Give a DeepSpeed engine whose model has MoE layers, at ZeRO stage 0 in fp32 with ``gradient_clipping`` >
+    0, a ``clip_fp32_gradients`` that clips by the true global norm (:func:`global_grad_norm`), on this engine
+    instance only; ``engine.get_global_grad_norm()`` then returns the norm before clipping. Returns whether it
+    was installed (``initialize`` calls it; other engines are left as they are)."""
+    if not getattr(engine, "has_moe_layers", False) or engine.gradient_clipping() <= 0:
+        return False
+    if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return False
+    if engine.mpu is not None:
+        raise ValueError("gradient clipping with an mpu is not supported for MoE models at ZeRO stage 0 in fp32; "
+                         'use "gradient_clipping": 0, or ZeRO stage 1 or 2')
+
+    def clip_fp32_gradients() -> None:
+        # DeepSpeed's scaling, as in deepspeed.runtime.utils.clip_grad_norm_, on the global norm
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        norm = global_grad_norm(engine.module.parameters())
+        max_norm = torch.tensor(float(engine.gradient_clipping()), device=norm.device)
+        clip_coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # 0-dim: scales 0-dim gradients too
+        for p in params:
+            p.grad.detach().mul_(clip_coef.to(p.grad.device, p.grad.dtype))
+        engine._global_grad_norm = norm.detach()
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+    return True
 
 
 def _moe_layers(model: nn.Module):

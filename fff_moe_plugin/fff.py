@@ -150,7 +150,7 @@ class FFF(FeedForwardBlock):
         logits = tree.leak(self.node_logits(x), c.region_leak)  # [S, N]
         leaf_p = tree.leaf_probs(logits, c.depth)  # [S, L]
         path_nodes, end = tree.descend_from_logits(logits, c.depth)  # [S, D], [S]
-        path_logits = logits.gather(1, path_nodes)  # [S, D]
+        path_logits = tree.take_along(logits, path_nodes)  # [S, D]
         S, L, l = x.shape[0], c.n_leaves, c.leaf_width
         # every leaf at once, as one dense layer of the training width L * l
         h = x @ self.leaf_w1.permute(1, 0, 2).reshape(c.d_model, L * l)  # [S, L*l]

@@ -16,6 +16,14 @@ from .config import FFFConfig
 from .tree import bernoulli_entropy
 
 
+def counts_of(index: Tensor, n: int) -> Tensor:
+    """How often each of ``0 .. n-1`` occurs in ``index`` (float32 [n]). Unlike ``torch.bincount`` the shape is
+    known before the values, so ``torch.compile`` traces it without a graph break."""
+    index = index.detach().reshape(-1)
+    return torch.zeros(n, dtype=torch.float32, device=index.device).index_add_(
+        0, index, torch.ones(index.shape[0], dtype=torch.float32, device=index.device))
+
+
 def hardening_loss(logits: Tensor) -> Tensor:
     """Mean Bernoulli entropy of the node decisions (FFF paper's hardening term); 0 for no decisions."""
     if logits.numel() == 0:
@@ -32,7 +40,7 @@ def leaf_balance_loss(leaf_probs: Tensor, leaf: Tensor) -> Tensor:
     S, L = leaf_probs.shape
     if S == 0:
         return leaf_probs.new_zeros((), dtype=torch.float32)
-    f = torch.bincount(leaf, minlength=L).float() / S  # [L], no gradient
+    f = counts_of(leaf, L) / S  # [L], no gradient
     P = leaf_probs.float().mean(0)  # [L]
     return L * (f * P).sum()
 
@@ -51,14 +59,13 @@ def node_balance_loss(path_nodes: Tensor, path_logits: Tensor, n_nodes: int) -> 
     nodes = path_nodes.reshape(-1)
     p = torch.sigmoid(path_logits.float()).reshape(-1)
     right = (path_logits >= 0).float().reshape(-1)
-    T = torch.bincount(nodes, minlength=n_nodes).float()  # [N] tokens reaching each node
+    T = counts_of(nodes, n_nodes)  # [N] tokens reaching each node
     R = torch.zeros(n_nodes, device=p.device).index_add_(0, nodes, right)  # [N] of those going right
     Psum = torch.zeros(n_nodes, device=p.device).index_add(0, nodes, p)  # [N] sum of P(right)
-    reached = T > 0
-    T, R, Psum = T[reached], R[reached], Psum[reached]
-    # (T/S) * 2 * (R/T * Psum/T + (T-R)/T * (T-Psum)/T)
-    per_node = 2.0 * (R * Psum + (T - R) * (T - Psum)) / (S * T)
-    return per_node.sum() / D
+    # (T/S) * 2 * (R/T * Psum/T + (T-R)/T * (T-Psum)/T); nodes no token reached add 0 (masked, not indexed,
+    # so that the shapes do not depend on the values)
+    per_node = 2.0 * (R * Psum + (T - R) * (T - Psum)) / (S * T.clamp_min(1.0))
+    return torch.where(T > 0, per_node, torch.zeros_like(per_node)).sum() / D
 
 
 def sigma_moe_entropy_loss(selection_logits: Tensor) -> Tensor:
@@ -115,13 +122,16 @@ def tree_stats(config: FFFConfig, leaf: Tensor, path_logits: Tensor) -> dict[str
     """Detached routing statistics of a tree: tokens per leaf, unused leaves, mean decision entropy, and the
     tokens whose node logits are not finite (NaN or inf inputs: their descent goes left at a NaN decision, so
     they are routed, and counted, but their routing means nothing)."""
-    counts = torch.bincount(leaf.detach(), minlength=config.n_leaves).float()  # [L]
-    logits = path_logits.detach()
-    finite = torch.isfinite(logits).all(-1)  # [S]
+    counts = counts_of(leaf, config.n_leaves)  # [L]
+    logits = path_logits.detach().float()
+    finite = torch.isfinite(logits).all(-1, keepdim=True)  # [S, 1]
+    n_finite = finite.sum() * logits.shape[-1]
+    # the mean decision entropy over the finite tokens (masked, so that the shapes do not depend on the values)
+    entropy = torch.where(finite, bernoulli_entropy(torch.where(finite, logits, 0.0)), 0.0).sum()
     return {
         "counts": counts,
         "unused_leaves": (counts == 0).sum().float(),
-        "decision_entropy": hardening_loss(logits[finite]),
+        "decision_entropy": entropy / n_finite.clamp_min(1),
         "nonfinite_tokens": (~finite).sum().float(),
     }
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ops.gather import take_along
+
 
 def num_nodes(depth: int) -> int:
     return 2**depth - 1
@@ -113,7 +115,7 @@ def route(
     if every_logit or weight.shape[0] <= FULL_LOGITS_MAX_NODES:
         all_logits = leak(F.linear(x, weight, bias), leak_rate)  # [S, N]
         nodes, end = descend_from_logits(all_logits, levels, strict=strict)  # [S, D], [S]
-        return nodes, all_logits.gather(1, nodes), end, all_logits
+        return nodes, take_along(all_logits, nodes), end, all_logits
     nodes, logits, end = descend(x, weight, bias, levels, strict=strict, leak_rate=leak_rate)
     return nodes, logits, end, None
 
@@ -125,7 +127,7 @@ def descend_from_logits(logits: Tensor, levels: int, strict: bool = False) -> tu
     nodes = []
     for _ in range(levels):
         nodes.append(node)
-        z = logits.gather(1, node[:, None])[:, 0]
+        z = logits.detach().gather(1, node[:, None])[:, 0]  # decisions only: no gradient
         node = 2 * node + 1 + ((z > 0) if strict else (z >= 0)).long()
     if not nodes:
         return node.new_empty(S, 0), node

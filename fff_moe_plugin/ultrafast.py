@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from . import tree
 from .block import BlockOutput, FeedForwardBlock, activation_fn
 from .config import UltraFastConfig
+from .losses import counts_of
 from .ops import inference
 
 
@@ -66,7 +67,7 @@ class UltraFastFFF(FeedForwardBlock):
             y = torch.einsum("sk,sko->so", self.act(a), u)  # [S, o]
         if self.output_bias is not None:
             y = y + self.output_bias
-        counts = torch.bincount(nodes[:, -1] - tree.num_nodes(c.depth), minlength=2**c.depth).float()
+        counts = counts_of(nodes[:, -1] - tree.num_nodes(c.depth), 2**c.depth)
         zero = self.zero()
         stats = {"counts": counts}
         return BlockOutput(y.reshape(*lead, c.d_out), zero, {}, stats)

@@ -60,3 +60,16 @@ def assert_ok(results: list[dict], name: str) -> None:
     """Every rank reported check ``name`` as "ok" (else its traceback is the message)."""
     for rank, r in enumerate(results):
         assert r.get(name) == "ok", f"rank {rank}, {name}:\n{r.get(name)}"
+
+
+def assert_same_state(actual: dict, expected: dict, **tolerance) -> None:
+    """Two state dicts hold the same keys, tensors equal within ``tolerance`` (torch.testing.assert_close's rtol and
+    atol) and every other entry (a block's ``_extra_state`` config record) equal."""
+    import torch
+
+    assert actual.keys() == expected.keys(), sorted(set(actual) ^ set(expected))
+    for key, value in expected.items():
+        if torch.is_tensor(value):
+            torch.testing.assert_close(actual[key], value, msg=key, **tolerance)
+        else:
+            assert actual[key] == value, key

@@ -197,6 +197,89 @@ def test_every_invalid_fff_moe_block_raises_naming_the_key_before_process_groups
     assert not torch.distributed.is_initialized()
 
 
+_BLOCK = {"depth": 3, "leaf_width": 8, "replace": "m"}
+
+
+@pytest.mark.parametrize("key", ["capacity_factor", "eval_capacity_factor", "hardening", "region_leak",
+                                 "leaf_dropout", "load_balance_coef"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_every_float_key_refuses_nan_and_infinity_before_process_groups(key, value):
+    with pytest.raises(ValueError, match=rf'"fff_moe" block: {key} = {value!r} is not allowed: must be a finite'):
+        initialize(model=nn.Sequential(), config={"train_micro_batch_size_per_gpu": 1,
+                                                  "fff_moe": {**_BLOCK, key: value}})
+    assert not torch.distributed.is_initialized()
+
+
+def test_float_keys_are_every_float_field_of_the_block():
+    assert set(DeepSpeedFFFConfig.float_keys()) == {
+        "capacity_factor", "eval_capacity_factor", "hardening", "region_leak", "leaf_dropout", "load_balance_coef"}
+
+
+def test_infinity_and_nan_literals_in_a_json_config_file_are_refused(tmp_path):
+    # json.load reads the non-standard literals Infinity and NaN as floats
+    for literal, shown in (("Infinity", "inf"), ("NaN", "nan"), ("-Infinity", "-inf")):
+        path = tmp_path / "ds.json"
+        path.write_text('{"train_micro_batch_size_per_gpu": 1, "fff_moe": {"depth": 2, "leaf_width": 8, '
+                        f'"replace": "m", "hardening": {literal}}}}}')
+        with pytest.raises(ValueError, match=rf"hardening = {shown} is not allowed"):
+            initialize(model=nn.Sequential(), config=str(path))
+        assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("master_leaf", [None, False])
+def test_master_leaf_width_without_master_leaf_is_refused(master_leaf):
+    block = {**_BLOCK, "master_leaf_width": 16}
+    if master_leaf is not None:
+        block["master_leaf"] = master_leaf
+    with pytest.raises(ValueError, match=r'master_leaf_width = 16 is not allowed: .*needs "master_leaf": true'):
+        initialize(model=nn.Sequential(), config={"train_micro_batch_size_per_gpu": 1, "fff_moe": block})
+    assert not torch.distributed.is_initialized()
+    # with the master leaf it sets its width
+    assert read_config({"fff_moe": {**block, "master_leaf": True}})[1].fff_config(8, "relu").master_leaf_width == 16
+
+
+def test_stage0_fp32_clipping_with_an_mpu_is_refused_before_process_groups():
+    # the global-norm clip at ZeRO 0 has no model-parallel reduction; ZeRO 1/2 or no clipping are the way
+    config = {"train_micro_batch_size_per_gpu": 1, "fff_moe": {**_BLOCK, "replace": "0"}}
+    with pytest.raises(ValueError, match=r'gradient_clipping = 1.0 with an mpu is not allowed.*"gradient_clipping": 0'):
+        initialize(model=nn.Sequential(nn.Linear(8, 32)), config=config, mpu=object())
+    assert not torch.distributed.is_initialized()
+
+
+def _tutel_installed() -> bool:
+    try:
+        import fff_moe_plugin.integrations.tutel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _assert_tutel_refused_before_process_groups():
+    config = {"train_micro_batch_size_per_gpu": 1, "fff_moe": {**_BLOCK, "replace": "0", "backend": "tutel"}}
+    with pytest.raises(ValueError, match=r'backend = \'tutel\' is not allowed: Tutel is not installed(.|\n)*'
+                                         r"NO_CUDA=1 pip install --no-build-isolation"):
+        initialize(model=nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8)), config=config)
+    assert not torch.distributed.is_initialized()
+    # a disabled block builds nothing and needs no Tutel
+    assert read_config({"fff_moe": {**config["fff_moe"], "enabled": False}})[1] is None
+
+
+@pytest.mark.skipif(_tutel_installed(), reason="Tutel is installed; the refusal without it is checked by "
+                    "test_tutel_backend_is_refused_with_install_commands_when_tutel_cannot_be_imported")
+def test_tutel_backend_without_tutel_is_refused_before_process_groups():
+    _assert_tutel_refused_before_process_groups()
+
+
+def test_tutel_backend_is_refused_with_install_commands_when_tutel_cannot_be_imported(monkeypatch):
+    import sys
+
+    # an installed Tutel is hidden: None in sys.modules makes its import raise ImportError
+    monkeypatch.setitem(sys.modules, "tutel", None)
+    for name in [m for m in sys.modules if m.startswith("fff_moe_plugin.integrations.tutel")]:
+        monkeypatch.delitem(sys.modules, name)
+    _assert_tutel_refused_before_process_groups()
+
+
 def test_ep_size_must_divide_the_world_size(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "6")
     with pytest.raises(ValueError, match=r"ep_size = 4 .*world size \(6"):
@@ -204,6 +287,8 @@ def test_ep_size_must_divide_the_world_size(monkeypatch):
 
 
 def test_tutel_backend_takes_ep_size_one_or_the_world_size(monkeypatch):
+    if not _tutel_installed():
+        pytest.skip("needs Tutel (see README, Tutel backend); without it backend tutel is refused outright")
     # Tutel runs its all-to-all's backward on the whole world, so a part of the world cannot share the leaves
     monkeypatch.setenv("WORLD_SIZE", "4")
     block = {"depth": 3, "leaf_width": 8, "replace": "m", "backend": "tutel"}
@@ -274,14 +359,13 @@ def test_topk_router_builds_deepspeeds_own_moe_over_the_same_leaves():
 
 def test_tutel_backend_builds_tutel_fff_or_says_how_to_install():
     model = _Net()
-    block = DeepSpeedFFFConfig.from_dict({"depth": 2, "leaf_width": 8, "replace": "blocks.*.mlp", "backend": "tutel"})
-    plan = plan_replacements(model, block)
-    try:
-        import tutel  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="pip install"):
-            apply_replacements(model, block, plan)
+    values = {"depth": 2, "leaf_width": 8, "replace": "blocks.*.mlp", "backend": "tutel"}
+    if not _tutel_installed():
+        with pytest.raises(ValueError, match="pip install"):
+            DeepSpeedFFFConfig.from_dict(values)
         return
+    block = DeepSpeedFFFConfig.from_dict(values)
+    plan = plan_replacements(model, block)
     from fff_moe_plugin.integrations.tutel import TutelFFF
 
     apply_replacements(model, block, plan)

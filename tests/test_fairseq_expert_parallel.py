@@ -2,6 +2,7 @@
 DeepSpeed's MoE dispatch (``--fff-backend deepspeed``) or Tutel's (``--fff-backend tutel``), against the
 data-parallel run that keeps the whole tree on every rank (``--fff-backend core``), on the same seed."""
 
+import json
 import re
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import torch
 
 pytest.importorskip("fairseq", reason="needs fairseq: pip install 'fff-moe-plugin[fairseq]'")
 pytest.importorskip("deepspeed", reason="needs DeepSpeed: pip install 'fff-moe-plugin[deepspeed]'")
+
+from helpers import assert_same_state  # noqa: E402
 
 from fff_moe_plugin.integrations.fairseq import user_dir  # noqa: E402
 from fff_moe_plugin.integrations.fairseq.data_bin import fairseq_command  # noqa: E402
@@ -37,6 +40,12 @@ SHARDED = {
     "tutel-ep2": ["--fff-backend", "tutel", "--fff-ep-size", "2"],
     "tutel-ep1": ["--fff-backend", "tutel", "--fff-ep-size", "1"],  # a group of one per rank, no all-to-all
 }
+# a clip norm below every update's gradient norm (the runs log it as gnorm), with plain SGD, whose step follows the
+# clipped gradient's size (Adam's would all but undo a common scale); wider leaves and no 512-wide input and output
+# projections, so that the leaves hold a few percent of the squared gradient norm (a tenth of a percent otherwise)
+CLIP_NORM = 0.05
+CLIPPED = ["--clip-norm", str(CLIP_NORM), "--optimizer", "sgd", "--lr", "0.5", "--fff-leaf-width", "128",
+           "--decoder-input-dim", "16", "--decoder-output-dim", "16", "--share-decoder-input-output-embed"]
 
 
 def train_ranks(lm_data_bin: Path, save_dir: Path, *flags: str, max_update: int = 4, nprocs: int = 2) -> str:
@@ -66,14 +75,17 @@ def load(save_dir: Path, name: str = "checkpoint_last.pt") -> dict:
 
 @pytest.fixture(scope="module")
 def runs(lm_data_bin, tmp_path_factory):
-    """{name: save dir}, each trained once on first use: "core" (data parallel) and the SHARDED cases."""
+    """{name: save dir}, each trained once on first use: "core" (data parallel) and the SHARDED cases, each also
+    as "<name>-clip" (trained with CLIPPED); rank 0's output is kept in "<save dir>.log"."""
     root = tmp_path_factory.mktemp("runs")
     done: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in done:
-            flags = SHARDED.get(name, [])
-            train_ranks(lm_data_bin, root / name, *flags)
+            base = name.removesuffix("-clip")
+            flags = [*SHARDED.get(base, []), *(CLIPPED if name != base else [])]
+            log = train_ranks(lm_data_bin, root / name, *flags)
+            (root / f"{name}.log").write_text(log)
             done[name] = root / name
         return done[name]
 
@@ -91,16 +103,35 @@ def test_sharded_leaves_train_exactly_as_the_data_parallel_run(runs, name):
     model_cfg = sharded["cfg"]["model"]
     assert (model_cfg["fff_backend"], model_cfg["fff_ep_size"], model_cfg["fff_capacity_factor"]) == ("core", None, 0)
     assert sharded["extra_state"]["fff_moe"]["ep_size"] == (1 if name.endswith("ep1") else 2)
-    for key, ref in reference["model"].items():
-        # float32, 4 Adam updates, the tokens summed in another order; the attention key biases get a zero
-        # gradient up to rounding, which Adam's normalisation blows up to ~1e-4 in both runs alike
-        torch.testing.assert_close(sharded["model"][key], ref, rtol=1e-4, atol=2e-4, msg=key)
+    # float32, 4 Adam updates, the tokens summed in another order; the attention key biases get a zero
+    # gradient up to rounding, which Adam's normalisation blows up to ~1e-4 in both runs alike
+    assert_same_state(sharded["model"], reference["model"], rtol=1e-4, atol=2e-4)
     # not vacuous: the leaves of both ranks' shards moved between update 2 and update 4
     earlier = load(runs(name), "checkpoint_1_2.pt")["model"]
     for layer in range(2):
         key = f"decoder.layers.{layer}.ffn.leaf_w1"
         step = (sharded["model"][key] - earlier[key]).abs().flatten(1).amax(1)  # [4 leaves]
         assert step[:2].max() > 1e-4 and step[2:].max() > 1e-4, (key, step)
+
+
+def gnorms(save_dir: Path) -> list[float]:
+    """The gradient norm each update logged (rank 0's train_inner lines)."""
+    log = (save_dir.parent / f"{save_dir.name}.log").read_text()
+    return [float(json.loads(m.group(1))["gnorm"]) for m in re.finditer(r"\| train_inner \| (\{.*\})", log)]
+
+
+@pytest.mark.parametrize("name", ["deepspeed-ep2", "tutel-ep2"])
+def test_clipped_sharded_run_clips_with_the_data_parallel_norm_and_trains_as_it_does(runs, name):
+    # the norm counts every leaf once, as the data-parallel run's does; fairseq's own rule would leave the leaves
+    # (tagged param.expert) out of it, and so clip the sharded run's gradients less
+    if name.startswith("tutel"):
+        pytest.importorskip("tutel", reason=TUTEL_MISSING)
+    reference, sharded = runs("core-clip"), runs(f"{name}-clip")
+    expected = gnorms(reference)
+    assert len(expected) == 4 and min(expected) > CLIP_NORM  # clipping binds at every update
+    assert gnorms(sharded) == pytest.approx(expected, abs=2e-3)  # logged to 3 decimals
+    reference, sharded = load(reference), load(sharded)
+    assert_same_state(sharded["model"], reference["model"], rtol=1e-4, atol=2e-4)
 
 
 def test_four_ranks_in_two_expert_parallel_groups_train_as_the_data_parallel_run(lm_data_bin, tmp_path):
@@ -110,8 +141,7 @@ def test_four_ranks_in_two_expert_parallel_groups_train_as_the_data_parallel_run
     sharded = load_trained(lm_data_bin, tmp_path / "ep2", "--fff-backend", "deepspeed", "--fff-ep-size", "2", nprocs=4)
     assert sharded["extra_state"]["fff_moe"]["ep_size"] == 2
     assert len(sharded["extra_state"]["fff_moe"]["expert_optimizer_state"]) == 2
-    for key, ref in reference["model"].items():
-        torch.testing.assert_close(sharded["model"][key], ref, rtol=1e-4, atol=2e-4, msg=key)
+    assert_same_state(sharded["model"], reference["model"], rtol=1e-4, atol=2e-4)
 
 
 def load_trained(lm_data_bin: Path, save: Path, *flags: str, nprocs: int) -> dict:
@@ -127,8 +157,7 @@ def test_interrupted_sharded_training_resumes_to_the_same_parameters(lm_data_bin
     assert re.search(r"Loaded checkpoint \S*checkpoint_last\.pt \(epoch 1 @ 2 updates\)", log)
     split = load(save)
     assert split["optimizer_history"][-1]["num_updates"] == 4
-    for key in whole["model"]:
-        torch.testing.assert_close(split["model"][key], whole["model"][key], rtol=0, atol=0, msg=key)
+    assert_same_state(split["model"], whole["model"], rtol=0, atol=0)
     # each rank's leaves kept their own Adam moments across the restart
     for a, b in zip(whole["extra_state"]["fff_moe"]["expert_optimizer_state"],
                     split["extra_state"]["fff_moe"]["expert_optimizer_state"]):

@@ -97,12 +97,12 @@ def test_every_config_field_has_exactly_one_flag_with_help(family, model):
 @pytest.mark.parametrize("arch,flags,named", [
     ("transformer_lm_fff", ["--fff-depth", "-1"], "--fff-depth"),
     ("transformer_lm_fff", ["--fff-train-mode", "sideways"], "--fff-train-mode"),
-    ("transformer_lm_fff", ["--fff-region-leak", "1.5"], "--fff-region-leak"),
     ("transformer_lm_fff", ["--fff-load-balance", "tree"], "--fff-load-balance"),
+    ("transformer_lm_fff", ["--fff-master-leaf-width", "8"], "--fff-master-leaf-width 8 is not allowed without "
+                                                             "--fff-master-leaf"),
     ("transformer_lm_fff", ["--fff-variant", "path_neuron", "--fff-leaf-width", "8"], "--fff-leaf-width"),
     ("transformer_lm_fff", ["--fff-every", "3"], "--fff-every"),
     ("transformer_lm_sigma_moe", ["--moe-top-k", "5"], "--moe-top-k"),
-    ("transformer_lm_sigma_moe", ["--moe-expert-dropout", "1"], "--moe-expert-dropout"),
     ("transformer_lm_pkm", ["--pkm-knn", "17"], "--pkm-knn"),
 ])
 def test_bad_flag_values_fail_when_the_model_is_built_naming_the_flag(data_dir, arch, flags, named):
@@ -110,13 +110,17 @@ def test_bad_flag_values_fail_when_the_model_is_built_naming_the_flag(data_dir, 
         build(data_dir, arch, *flags)
 
 
-def test_required_block_flag_missing_is_named(data_dir):
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, [str(data_dir), "--user-dir", user_dir(), "--task",
-                                                "language_modeling", "--arch", "transformer_lm_fff", *TINY,
-                                                "--fff-leaf-width", "8"])
-    with pytest.raises(ValueError, match="--fff-depth is required"):
-        tasks.setup_task(args).build_model(args)
+@pytest.mark.parametrize("arch,flags,message", [
+    ("transformer_lm_fff", ["--fff-region-leak", "1.5"], "--fff-region-leak 1.5 is not allowed: must be a finite "
+                                                         "number in [0.0, 1.0]"),
+    ("transformer_lm_sigma_moe", ["--moe-expert-dropout", "1"], "--moe-expert-dropout 1.0 is not allowed: must be "
+                                                                "a finite number in [0.0, 1.0)"),
+])
+def test_float_flags_out_of_range_fail_while_the_command_line_is_parsed(data_dir, arch, flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build(data_dir, arch, *flags)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_every_second_layer_gets_the_block_and_counts_match_the_configs(data_dir):

@@ -10,6 +10,8 @@ import torch
 
 pytest.importorskip("fairseq", reason="needs fairseq: pip install 'fff-moe-plugin[fairseq]'")
 
+from helpers import assert_same_state  # noqa: E402
+
 from fff_moe_plugin.integrations.fairseq import user_dir  # noqa: E402
 from fff_moe_plugin.integrations.fairseq.data_bin import fairseq_command  # noqa: E402
 from fff_moe_plugin.integrations.fairseq.launch import run_ranks  # noqa: E402
@@ -82,8 +84,7 @@ def test_checkpoint_reloads_with_from_pretrained_and_samples(lm_data_bin, traine
                                                   user_dir=user_dir())
     assert isinstance(lm.models[0], FFFLanguageModel)
     ckpt = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
-    for k, v in lm.models[0].state_dict().items():
-        torch.testing.assert_close(v, ckpt["model"][k])
+    assert_same_state(lm.models[0].state_dict(), ckpt["model"])
     # sampling with fairseq's SequenceGenerator through the task, as fairseq-generate does (the hub's .sample(),
     # fairseq-interactive and fairseq-generate themselves: test_fairseq_sampling.py)
     from fairseq import search
@@ -108,9 +109,7 @@ def test_interrupted_training_resumes_to_the_same_parameters(lm_data_bin, tmp_pa
     a = torch.load(tmp_path / "whole" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     b = torch.load(tmp_path / "split" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert a["optimizer_history"][-1]["num_updates"] == b["optimizer_history"][-1]["num_updates"] == 8
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    assert_same_state(b["model"], a["model"], rtol=0, atol=0)
 
 
 def test_bad_flag_fails_fairseq_train_at_start_up_naming_the_flag(lm_data_bin, tmp_path):

@@ -71,15 +71,16 @@ def run_rank(rank, world, config, capacity_factor):
         layer.eval()
         result["eval_r1"] = layer(x[mine], adaptive_r=1).output
         result["eval_r0"] = layer(x[mine], adaptive_r=0).output  # every rank gathers all leaves
-        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        state = {k: v.clone() if torch.is_tensor(v) else v for k, v in layer.state_dict().items()}
         torch.manual_seed(123)
         fresh = TutelFFF(config, capacity_factor=capacity_factor).eval()  # other weights ...
         result["fresh_differs"] = not torch.equal(fresh(x[mine]).output, result["eval_r1"])
         fresh.load_state_dict(state)  # ... until the checkpoint is loaded
         result["reloaded"] = fresh(x[mine], adaptive_r=1).output
         back = layer.to_fff()  # the leaves gathered from every rank
-        result["to_fff_equal"] = all(torch.equal(a, b) for a, b in zip(back.state_dict().values(),
-                                                                       core.state_dict().values()))
+        ours, theirs = back.state_dict(), core.state_dict()  # tensors and the saved config
+        result["to_fff_equal"] = ours.keys() == theirs.keys() and all(
+            torch.equal(v, theirs[k]) if torch.is_tensor(v) else v == theirs[k] for k, v in ours.items())
     return result
 
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..block import BlockOutput, FeedForwardBlock
 from ..config import PKMConfig
+from ..losses import counts_of
 
 
 class PKM(FeedForwardBlock):
@@ -58,5 +59,5 @@ class PKM(FeedForwardBlock):
             slot.reshape(S, -1), self.values, per_sample_weights=weight.reshape(S, -1).to(self.values.dtype),
             mode="sum",
         ) if S > 0 else x.new_zeros(0, c.d_out) + 0.0 * self.values.sum()  # [S, o]
-        counts = torch.bincount(slot.reshape(-1), minlength=c.n_keys**2).float()
+        counts = counts_of(slot, c.n_keys**2)
         return BlockOutput(y.reshape(*lead, c.d_out), self.zero(), {}, {"counts": counts})

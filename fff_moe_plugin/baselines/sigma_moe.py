@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from ..block import BlockOutput, FeedForwardBlock, activation_fn
 from ..config import SigmaMoEConfig
-from ..losses import sigma_moe_entropy_loss
+from ..losses import counts_of, sigma_moe_entropy_loss
+from ..ops.gather import take_along
 from ..ops.grouped import grouped_mlp
 
 
@@ -55,7 +56,7 @@ class SigmaMoE(FeedForwardBlock):
             dropped = torch.rand_like(logits, dtype=torch.float32) < c.expert_dropout  # [S, E]
             choose_on = logits.masked_fill(dropped, float("-inf"))
         _, idx = choose_on.topk(c.top_k, dim=-1)  # [S, K]
-        gate = torch.sigmoid(logits.gather(1, idx))  # [S, K]
+        gate = torch.sigmoid(take_along(logits, idx))  # [S, K]
         if dropped is not None:
             # a dropped expert contributes nothing, also when fewer than K experts survive (with top_k =
             # n_experts every expert is selected, so without this the dropout would have no effect)
@@ -65,7 +66,7 @@ class SigmaMoE(FeedForwardBlock):
             x, token.reshape(-1), idx.reshape(-1), gate.reshape(-1), self.keys, None, self.values, None, self.act
         )  # [S, o]
         used = idx if dropped is None else idx.masked_fill(dropped.gather(1, idx), c.n_experts)
-        counts = torch.bincount(used.reshape(-1), minlength=c.n_experts + 1)[: c.n_experts].float()
+        counts = counts_of(used, c.n_experts + 1)[: c.n_experts]
         stats = {"counts": counts}
         if not self.training:
             zero = self.zero()

@@ -1,19 +1,109 @@
 """Run a bank of small MLPs on the tokens routed to each of them.
 
 Shared by the FFF hard path (one leaf per token) and sigma-MoE (top-K experts per token). Tokens are
-grouped by expert with one sort, and each expert runs one pair of matmuls on its group: the cost is that of
-the selected experts only, and it is differentiable with respect to inputs, weights and gates.
+sorted by expert once; each of the two layers of the experts is then one grouped matrix product over all
+experts (``torch.nn.functional.grouped_mm``, the kernel torchtitan and DeepSpeed's AutoEP compute experts
+with), and the outputs are summed back to their tokens with one ``index_add``. The cost is that of the
+selected experts only; it is differentiable with respect to inputs, weights and gates; and it never reads a
+tensor's values on the host, so it needs no device synchronisation and ``torch.compile`` captures it whole.
+
+``grouped_mm`` is used where it is supported and correct: float32, bfloat16 and float16, rows whose byte
+widths are multiples of 16 (narrower or odd widths are zero-padded to that), on a device where a probe call
+succeeded. Its traps are handled here: a broadcast (stride-0) incoming gradient is made contiguous before
+the backward kernels see it; every output row belongs to a group (the offsets end at the row count); no
+``out_dtype`` is asked for; and the call is a ``torch.library`` custom op with its own shape function and
+backward, so ``torch.compile`` traces float32 too (grouped_mm's own meta function accepts bfloat16 only).
+float64, and devices without grouped_mm, run the per-expert loop (:func:`grouped_mlp_loop`), which reads
+the group sizes on the host.
 
 Axes: S tokens, A assignments (token, expert, gate), E experts, d input, h hidden, o output.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import os
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ALIGN_BYTES = 16  # grouped_mm asks every stride to be a multiple of 16 bytes
+_probed: dict[tuple[str, torch.dtype], bool] = {}
+
+# which implementation the last call of grouped_mlp took ("grouped" or "loop"), for tests and benchmarks
+last_path: Optional[str] = None
+
+
+# -- grouped_mm as custom ops: one shape function and one backward for every dtype ------------------------
+@torch.library.custom_op("fff_moe_grouped::mm", mutates_args=())
+def _grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    """``[A, k] x [E, k, n] -> [A, n]``: rows ``offs[e-1]:offs[e]`` of ``a`` times ``b[e]``."""
+    return _GROUPED_MM(a, b, offs=offs)
+
+
+@_grouped_mm.register_fake
+def _(a, b, offs):
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+@torch.library.custom_op("fff_moe_grouped::mm_k", mutates_args=())
+def _grouped_mm_k(a_t: Tensor, g: Tensor, offs: Tensor) -> Tensor:
+    """``[k, A] x [A, n] -> [E, k, n]``: group e sums over rows ``offs[e-1]:offs[e]`` (the weight gradient)."""
+    return _GROUPED_MM(a_t, g, offs=offs)
+
+
+@_grouped_mm_k.register_fake
+def _(a_t, g, offs):
+    return a_t.new_empty(offs.shape[0], a_t.shape[0], g.shape[1])
+
+
+def _mm_setup(ctx, inputs, output) -> None:
+    a, b, offs = inputs
+    ctx.save_for_backward(a, b, offs)
+
+
+def _mm_backward(ctx, grad: Tensor):
+    a, b, offs = ctx.saved_tensors
+    # trap 1: grouped_mm's kernels refuse a broadcast (stride-0) gradient such as y.sum()'s
+    grad = grad.contiguous()
+    grad_a = _grouped_mm(grad, b.transpose(-1, -2), offs) if ctx.needs_input_grad[0] else None
+    grad_b = _grouped_mm_k(a.t(), grad, offs) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None
+
+
+_grouped_mm.register_autograd(_mm_backward, setup_context=_mm_setup)
+
+
+def _pad_to(t: Tensor, dim: int, multiple: int) -> Tensor:
+    pad = -t.shape[dim] % multiple
+    if pad == 0:
+        return t
+    widths = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [0, pad]
+    return F.pad(t, widths)
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether grouped_mm runs for ``dtype`` on ``device`` (probed once per pair: a CUDA device may lack a kernel
+    for a dtype that the CPU has). ``FFF_MOE_NO_GROUPED_MM=1`` turns it off everywhere."""
+    if _GROUPED_MM is None or dtype not in _GROUPED_DTYPES or os.environ.get("FFF_MOE_NO_GROUPED_MM"):
+        return False
+    key = (torch.device(device).type, dtype)
+    if key not in _probed and torch.compiler.is_compiling():
+        # no probe call inside a traced graph: trust the dtype check (torch falls back to a per-group loop on
+        # CUDA devices without a fused kernel); an eager call before compiling probes for real
+        return True
+    if key not in _probed:
+        try:
+            a = torch.ones(8, 8, device=device, dtype=dtype)
+            b = torch.ones(2, 8, 8, device=device, dtype=dtype)
+            out = _GROUPED_MM(a, b, offs=torch.tensor([3, 8], device=device, dtype=torch.int32))
+            _probed[key] = bool(torch.all(out == 8).item())
+        except (RuntimeError, NotImplementedError):
+            _probed[key] = False
+    return _probed[key]
 
 
 def grouped_mlp(
@@ -34,21 +124,65 @@ def grouped_mlp(
     x: [S, d]; token, expert: [A] long; gate: [A] or None (all ones); w1: [E, d, h]; b1: [E, h];
     w2: [E, h, o]; b2: [E, o].  Returns [S, o]; tokens without an assignment get zeros.
     """
+    global last_path
+    if not (x.dtype == w1.dtype == w2.dtype and grouped_mm_available(x.device, x.dtype)):
+        last_path = "loop"
+        return grouped_mlp_loop(x, token, expert, gate, w1, b1, w2, b2, act, dropout, training)
+    last_path = "grouped"
+    S, E, o = x.shape[0], w1.shape[0], w2.shape[-1]
+    multiple = _ALIGN_BYTES // x.element_size()
+    # zero columns leave every product unchanged; they are cut off again below
+    xp, w1p = _pad_to(x, -1, multiple), _pad_to(_pad_to(w1, 1, multiple), 2, multiple)  # [S, d'], [E, d', h']
+    w2p = _pad_to(_pad_to(w2, 1, multiple), 2, multiple)  # [E, h', o']
+    order = torch.argsort(expert, stable=True)  # [A]
+    e_sorted, t_sorted = expert[order], token[order]  # [A]
+    # group sizes as a device tensor (scatter_add keeps the shape static, unlike bincount)
+    counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add(0, expert, torch.ones_like(expert))
+    offs = counts.cumsum(0).to(torch.int32)  # [E]: the last offset is A, so every row belongs to a group
+    h = _grouped_mm(xp.index_select(0, t_sorted), w1p, offs)  # [A, h']
+    if b1 is not None:
+        h = h + _pad_to(b1, 1, multiple).index_select(0, e_sorted)
+    h = F.dropout(act(h), dropout, training)
+    y = _grouped_mm(h, w2p, offs)[:, :o]  # [A, o]
+    if b2 is not None:
+        y = y + b2.index_select(0, e_sorted)
+    if gate is not None:
+        y = y * gate[order, None].to(y.dtype)
+    return x.new_zeros(S, o).index_add(0, t_sorted, y)  # [S, o]
+
+
+def grouped_mlp_loop(
+    x: Tensor,
+    token: Tensor,
+    expert: Tensor,
+    gate: Tensor | None,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    act: Callable[[Tensor], Tensor],
+    dropout: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """:func:`grouped_mlp` as one pair of matmuls per non-empty expert, in a Python loop.
+
+    The path for float64 and for devices without grouped_mm. It reads the group sizes on the host (a device
+    synchronisation), and ``torch.compile`` breaks its graph there.
+    """
     S, o = x.shape[0], w2.shape[-1]
-    out = x.new_zeros(S, o)
     if token.numel() == 0:
-        # keep the graph connected to the weights so that backward still runs with zero gradients
-        return out + 0.0 * (w1.sum() + w2.sum())
+        # keep the graph connected to every input so that backward still runs, with zero gradients
+        used = [t.sum() for t in (x, gate, w1, b1, w2, b2) if t is not None]
+        return x.new_zeros(S, o) + 0.0 * torch.stack(used).sum().to(x.dtype)
     order = torch.argsort(expert, stable=True)  # [A]
     counts = torch.bincount(expert, minlength=w1.shape[0]).tolist()
     tok_sorted = token[order]
     gate_sorted = gate[order] if gate is not None else None
-    start = 0
+    rows, start = [], 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        idx = tok_sorted[start : start + n]  # [n]
-        xe = x.index_select(0, idx)  # [n, d]
+        xe = x.index_select(0, tok_sorted[start : start + n])  # [n, d]
         h = xe @ w1[e]
         if b1 is not None:
             h = h + b1[e]
@@ -58,9 +192,10 @@ def grouped_mlp(
             ye = ye + b2[e]
         if gate_sorted is not None:
             ye = ye * gate_sorted[start : start + n, None].to(ye.dtype)
-        out = out.index_add(0, idx, ye)  # [S, o]
+        rows.append(ye)
         start += n
-    return out
+    # one index_add over all groups (an out-of-place one per group would copy [S, o] each time)
+    return x.new_zeros(S, o).index_add(0, tok_sorted, torch.cat(rows))
 
 
 def grouped_mlp_reference(

@@ -8,14 +8,16 @@ Example (every key but ``depth``, ``leaf_width`` and ``replace`` has a default):
 The tree's keys are :class:`~fff_moe_plugin.config.FFFConfig` fields with the same names and meanings
 (``d_model`` and ``d_out`` come from the module being replaced); the rest are DeepSpeed's MoE knobs and the
 replacement itself. Everything is checked in ``__post_init__``, before any process group exists: unknown
-keys, bad values, ``ep_size`` not dividing the number of leaves or the world size all raise ``ValueError``
-naming the key.
+keys, bad values (a float key that is NaN or infinite, ``master_leaf_width`` without ``master_leaf``),
+``ep_size`` not dividing the number of leaves or the world size, and ``"backend": "tutel"`` without Tutel
+installed all raise ``ValueError`` naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -77,6 +79,15 @@ class DeepSpeedFFFConfig:
             _fail("router", self.router, f"must be one of {', '.join(self.ROUTERS)}")
         if self.backend == "tutel" and self.router != "tree":
             _fail("router", self.router, 'the tutel backend only has the "tree" router')
+        # NaN and +-inf pass ordinary range checks (and json.load reads the literals NaN, Infinity): every float
+        # key must be a finite number, whatever its range
+        for key in self.float_keys():
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                _fail(key, v, "must be a finite number")
+        if self.master_leaf is False and self.master_leaf_width is not None:
+            _fail("master_leaf_width", self.master_leaf_width,
+                  'sets the width of the master leaf, so it needs "master_leaf": true (leave it out without one)')
         if isinstance(self.ep_size, bool) or not isinstance(self.ep_size, int) or self.ep_size < 1:
             _fail("ep_size", self.ep_size, "must be an integer >= 1")
         for key in ("capacity_factor", "eval_capacity_factor"):
@@ -107,6 +118,13 @@ class DeepSpeedFFFConfig:
             _fail("ep_size", self.ep_size, f'must be 1 or the world size ({world}) with backend "tutel": Tutel runs '
                   "the backward of its all-to-all on the whole world, so its expert-parallel group cannot be a part "
                   "of it")
+        if self.backend == "tutel" and self.enabled:
+            _check_tutel()  # a disabled block builds nothing, so it needs no Tutel
+
+    @classmethod
+    def float_keys(cls) -> tuple[str, ...]:
+        """The keys whose values are floats (each must be finite)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.type in (float, "float"))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DeepSpeedFFFConfig:
@@ -134,6 +152,16 @@ class DeepSpeedFFFConfig:
         if values["activation"] is None:
             raise ValueError(f'"{BLOCK_KEY}" block: activation could not be read from the module; set "activation"')
         return FFFConfig.from_dict({"d_model": d_model, **values})
+
+
+def _check_tutel() -> None:
+    """Refuse ``"backend": "tutel"`` when Tutel cannot be imported, with the commands that build it."""
+    import importlib
+
+    try:  # the integration's import raises an ImportError that says how to build Tutel
+        importlib.import_module("..tutel", __package__)
+    except ImportError as e:
+        _fail("backend", "tutel", f"Tutel is not installed (or does not import).\n{e}")
 
 
 def _world_size() -> int:

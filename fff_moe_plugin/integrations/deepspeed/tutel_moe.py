@@ -49,6 +49,9 @@ _LEAF_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
 # Tutel's record of the global leaf count; its name holds "expert", which DeepSpeed's checkpointing would take
 # for an expert weight, so it stays out of the state dict (it follows from the config)
 _COUNT_BUFFER = "tutel.moe._num_global_experts"
+# the config record TutelFFF keeps in its state dict; FFFMoE's layout has none (the config is the layer's), so it
+# is left out, and on a load TutelFFF takes the state dict as one without a record (nothing to check)
+_CONFIG_RECORD = "tutel._extra_state"
 
 
 class TutelFFFMoE(MoE):
@@ -192,6 +195,7 @@ def _expert_parallel_group(ep_size: int) -> Optional[dist.ProcessGroup]:
 def _to_deepspeed_layout(module: TutelFFFMoE, state: dict[str, Any], prefix: str, _metadata: Any) -> None:
     """state_dict post-hook: Tutel's names -> FFFMoE's, one entry per leaf (local index)."""
     state.pop(prefix + _COUNT_BUFFER, None)
+    state.pop(prefix + _CONFIG_RECORD, None)
     for tutel_name, ds_name in _SHARED_NAMES.items():
         if prefix + tutel_name in state:
             state[prefix + ds_name] = state.pop(prefix + tutel_name)

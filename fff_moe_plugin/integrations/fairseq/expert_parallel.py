@@ -3,8 +3,9 @@
 fairseq's ``Trainer`` writes a checkpoint from data-parallel rank 0 alone and, on resume, loads rank 0's
 optimizer state into every rank. With the leaves of an FFF sharded over ranks (``--fff-backend deepspeed|tutel``
 with ``--fff-ep-size > 1``) the first would keep rank 0's leaves only and the second would give every rank rank
-0's Adam moments. :func:`install` (called when fairseq imports the plugin's ``--user-dir``) wraps three
-``Trainer`` members; each wrapper runs fairseq's own code unchanged when the model holds no sharded FFF block:
+0's Adam moments; and fairseq's gradient clipping leaves the sharded leaves (tagged ``expert``) out of the norm.
+:func:`install` (called when fairseq imports the plugin's ``--user-dir``) wraps four ``Trainer`` members; each
+wrapper runs fairseq's own code unchanged when the model holds no sharded FFF block:
 
 - ``always_call_state_dict_during_save_checkpoint`` (fairseq's switch for FSDP, whose state dict is also a
   collective) is true, so every rank takes the state dict at each save;
@@ -14,7 +15,10 @@ with ``--fff-ep-size > 1``) the first would keep rank 0's leaves only and the se
   checkpoint in one process;
 - ``load_checkpoint`` first refuses set-ups that would train wrongly (c10d DDP, BMUF, a flat fp16 copy of the
   parameters, ``--no-last-checkpoints``), then loads as fairseq does, then gives each rank its own leaves'
-  optimizer state.
+  optimizer state;
+- ``clip_grad_norm`` computes the norm of the data-parallel run: fairseq's norm of the replicated parameters
+  together with the sharded leaves' gradients, each global leaf counted once (see :func:`leaf_norm`).
+  Parameters tagged ``expert`` by anything other than the plugin stay out of the norm, as fairseq has it.
 """
 
 from __future__ import annotations
@@ -86,6 +90,23 @@ def install() -> None:
         return extra
 
     Trainer.load_checkpoint = load_checkpoint_with_leaves
+
+    clip_grad_norm = Trainer.clip_grad_norm
+
+    @functools.wraps(clip_grad_norm)
+    def clip_grad_norm_with_leaves(self, clip_norm):
+        blocks = sharded_blocks(self)
+        if not blocks:
+            return clip_grad_norm(self, clip_norm)
+        # every optimizer wrapper (fp32, FP16Optimizer, memory-efficient fp16, AMP) ends in fairseq's
+        # utils.clip_grad_norm_, which computes the norm of the parameters not tagged ``expert``, passes it
+        # through aggregate_norm_fn, and scales every gradient (expert ones included) by the clip factor
+        tensors = _optimizer_params(self, blocks)
+        leaves = [tensors[id(p)] for _, block in blocks for p in block.expert_parameters()]
+        return self.optimizer.clip_grad_norm(
+            clip_norm, aggregate_norm_fn=functools.partial(leaf_norm, leaves, blocks[0][1]))
+
+    Trainer.clip_grad_norm = clip_grad_norm_with_leaves
 
 
 def sharded_blocks(trainer, gathered_only: bool = False) -> list[tuple[str, ShardedFFF]]:
@@ -200,6 +221,21 @@ def _restore_optimizer_state(trainer, blocks, extra: dict) -> None:
             if entry is None:
                 raise ValueError(f"the checkpoint has no optimizer state for leaf parameter {i} of {name}")
             state[q] = {k: (v.to(q.device) if torch.is_tensor(v) else v) for k, v in entry.items()}
+
+
+def leaf_norm(leaves: list[torch.Tensor], block: ShardedFFF, replicated_norm: torch.Tensor) -> torch.Tensor:
+    """The gradient norm of the data-parallel run: ``replicated_norm`` (fairseq's norm of the parameters not tagged
+    ``expert``, the same on every rank) together with the leaves (the tensors the optimizer holds for this rank's
+    leaves). The sum of squares of this rank's leaf gradients is summed over the expert-parallel group, whose
+    ranks hold disjoint leaves that together make the whole tree: each global leaf counts once. A collective
+    over that group when ``ep_size > 1``."""
+    squares = torch.zeros((), dtype=torch.float32, device=replicated_norm.device)
+    for q in leaves:
+        if q.grad is not None:
+            squares = squares + torch.norm(q.grad.detach(), p=2, dtype=torch.float32).to(squares.device) ** 2
+    if block.spec.ep_size > 1:
+        dist.all_reduce(squares, group=_ep_group(block))
+    return (replicated_norm.float() ** 2 + squares) ** 0.5
 
 
 def _ep_group(block: ShardedFFF):

@@ -6,18 +6,24 @@ config default is true gets ``--<prefix>-no-<field>`` instead (``--fff-no-bias``
 only switch a default. ``d_model`` comes from ``--decoder-embed-dim`` and ``d_out`` equals it.
 
 A flag left unset (``None``) takes the config's own default, so defaults are written once, in
-``fff_moe_plugin.config``. Every error names the flag, not the dataclass field. This module does not import
-fairseq: ``args`` is anything with attributes (an argparse Namespace or an omegaconf DictConfig).
+``fff_moe_plugin.config``, except the block's size: size flags left unset are chosen so that the block has
+the parameters of the dense feedforward block ``transformer_lm`` would have (``--decoder-embed-dim``,
+``--decoder-ffn-embed-dim``), by the package's parameter matching (:func:`resolve`, :data:`SIZE_FIELDS`).
+Every error names the flag, not the dataclass field. This module does not import fairseq: ``args`` is
+anything with attributes (an argparse Namespace or an omegaconf DictConfig).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-from ...config import BlockConfig, FFFConfig, PKMConfig, SigmaMoEConfig, UltraFastConfig
+from ...config import MAX_DEPTH, BlockConfig, DenseConfig, FFFConfig, PKMConfig, SigmaMoEConfig, UltraFastConfig
+from ...matching import match_fff, match_path_neuron, match_pkm, match_sigma_moe
 from .sharded import BACKENDS, ShardSpec, world
 
 # fields every family takes from the transformer, never from a flag of its own
@@ -93,8 +99,65 @@ def variant(args: Any, family: Family) -> str:
     return value
 
 
+# The fields that set a block's size. Those left unset are chosen by parameter matching against the dense block.
+SIZE_FIELDS: dict[type[BlockConfig], tuple[str, ...]] = {
+    FFFConfig: ("depth", "leaf_width"),
+    UltraFastConfig: ("depth",),
+    SigmaMoEConfig: ("n_experts", "expert_size"),
+    PKMConfig: ("n_keys",),
+}
+# Leaves of about this many units when neither --fff-depth nor --fff-leaf-width is given: the sigma-MoE paper's
+# expert size, so that leaves and experts are alike. The tree gets at least one node (depth >= 1).
+FFF_LEAF_TARGET = 128
+# sigma-MoE experts of this size when neither --moe-n-experts nor --moe-expert-size is given (the paper's
+# 128, with its top-k of 4, the config default); a dense block narrower than 4 * top_k experts of 128
+# gets experts of d_ff / (4 * top_k) units, so that a token always reads about a quarter of the experts.
+MOE_EXPERT_SIZE = 128
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The block config the flags describe, and how its size was found.
+
+    ``chosen``: the fields set by matching or by a size default, not by a flag ({} when every size flag was
+    given); ``dense``: the dense block the size was matched against (None when nothing was matched).
+    """
+
+    config: BlockConfig
+    chosen: dict[str, Any]
+    dense: DenseConfig | None
+
+    def describe(self) -> str:
+        """One line: the config, its parameters and how they compare with the dense block."""
+        n = self.config.num_parameters()
+        text = f"{self.config!r}: {n:,} parameters"
+        if self.dense is not None:
+            target = self.dense.num_parameters()
+            text += (f", matched to the dense block of transformer_lm (d_model {self.dense.d_model}, d_ff "
+                     f"{self.dense.d_ff}: {target:,} parameters, {100 * (n - target) / target:+.2f}%) by choosing "
+                     + ", ".join(f"{k}={v}" for k, v in self.chosen.items()))
+        return text
+
+
+def dense_block(args: Any) -> DenseConfig:
+    """The feedforward block ``transformer_lm`` would have: ``--decoder-embed-dim`` -> ``--decoder-ffn-embed-dim``
+    -> ``--decoder-embed-dim``, with biases."""
+    d, d_ff = _get(args, "decoder_embed_dim"), _get(args, "decoder_ffn_embed_dim")
+    try:
+        return DenseConfig(d_model=d, d_ff=d_ff)
+    except ValueError as e:
+        flag = "--decoder-ffn-embed-dim" if "d_ff" in str(e) else "--decoder-embed-dim"
+        raise ValueError(f"{flag}: {e} (the block's size is matched to this dense feedforward block)") from e
+
+
 def block_config(args: Any, family: Family) -> BlockConfig:
-    """The validated config the flags describe; ``ValueError`` naming the flag if a value is bad or missing."""
+    """The validated config the flags describe; ``ValueError`` naming the flag if a value is bad."""
+    return resolve(args, family).config
+
+
+def resolve(args: Any, family: Family) -> Resolved:
+    """The validated config the flags describe, its unset size fields matched to the dense block (see
+    :data:`SIZE_FIELDS`); ``ValueError`` naming the flag if a value is bad."""
     var = variant(args, family)
     cls = family.config_class(var)
     own = {f.name: f for f in dataclasses.fields(cls)}
@@ -111,14 +174,88 @@ def block_config(args: Any, family: Family) -> BlockConfig:
                 values[field] = False
             continue
         if raw is None:
-            if own[field].default is dataclasses.MISSING:
+            if own[field].default is dataclasses.MISSING and field not in SIZE_FIELDS.get(cls, ()):
                 raise ValueError(f"{family.flag(field)} is required ({cls.__name__}.{field} has no default)")
             continue
         values[field] = raw
+    if cls is FFFConfig and values.get("master_leaf_width") is not None and not values.get("master_leaf"):
+        raise ValueError(f"{family.flag('master_leaf_width')} {values['master_leaf_width']} is not allowed without "
+                         f"{family.flag('master_leaf')}: it sets the width of the master leaf; add "
+                         f"{family.flag('master_leaf')} or drop {family.flag('master_leaf_width')}")
+    missing = [f for f in SIZE_FIELDS.get(cls, ()) if f not in values]
+    dense = dense_block(args) if missing else None
     try:
-        return cls.from_dict(values)
+        if dense is None:
+            return Resolved(cls.from_dict(values), {}, None)
+        config = _MATCHERS[cls](dense, values, missing, family)
     except ValueError as e:
         raise ValueError(_name_flags(str(e), family)) from e
+    chosen = {f: getattr(config, f) for f in own if f != "d_out" and f not in values and
+              getattr(config, f) != _field_default(own[f])}
+    return Resolved(config, chosen, dense)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _match_fff(dense: DenseConfig, values: dict[str, Any], missing: list[str], family: Family) -> FFFConfig:
+    target, d = dense.num_parameters(), values["d_model"]
+    rest = {k: v for k, v in values.items() if k not in ("d_model", "depth", "leaf_width")}
+    if "leaf_width" in missing:
+        depth = values.get("depth")
+        config = match_fff(d, target, depth, FFF_LEAF_TARGET, **rest)
+        if depth is None and config.depth == 0:  # a tree, not one leaf: at least one node
+            config = match_fff(d, target, 1, FFF_LEAF_TARGET, **rest)
+        return config
+    # --fff-leaf-width given: the depth whose 2^depth leaves of that width come closest
+    candidates = []
+    for depth in range(MAX_DEPTH + 1):
+        config = FFFConfig(d_model=d, leaf_width=values["leaf_width"], depth=depth, **rest)
+        candidates.append(config)
+        if config.num_parameters() >= target:
+            break
+    return min(candidates, key=lambda c: abs(c.num_parameters() - target))
+
+
+def _match_path_neuron(dense: DenseConfig, values: dict[str, Any], missing: list[str],
+                       family: Family) -> UltraFastConfig:
+    rest = {k: v for k, v in values.items() if k not in ("d_model", "depth")}
+    return match_path_neuron(values["d_model"], dense.num_parameters(), **rest)
+
+
+def _match_sigma_moe(dense: DenseConfig, values: dict[str, Any], missing: list[str],
+                     family: Family) -> SigmaMoEConfig:
+    target, d = dense.num_parameters(), values["d_model"]
+    rest = {k: v for k, v in values.items() if k not in ("d_model", "n_experts", "expert_size", "top_k")}
+    top_k = values.get("top_k", _field_default(SigmaMoEConfig.__dataclass_fields__["top_k"]))
+    if "n_experts" in values:  # the expert size whose n_experts experts come closest
+        n = values["n_experts"]
+        d_out = rest.get("d_out") or d
+        size = max(1, round((target / n - d) / (d + d_out)))
+        return min((SigmaMoEConfig(d_model=d, n_experts=n, expert_size=g, top_k=top_k, **rest)
+                    for g in {max(1, size - 1), size, size + 1}), key=lambda c: abs(c.num_parameters() - target))
+    size = values.get("expert_size")
+    if size is None:
+        size = min(MOE_EXPERT_SIZE, max(1, dense.d_ff // (4 * top_k)))
+    return match_sigma_moe(d, target, size, top_k, **rest)
+
+
+def _match_pkm(dense: DenseConfig, values: dict[str, Any], missing: list[str], family: Family) -> PKMConfig:
+    fields = PKMConfig.__dataclass_fields__
+    heads = values.get("n_heads", _field_default(fields["n_heads"]))
+    knn = values.get("knn", _field_default(fields["knn"]))
+    rest = {k: v for k, v in values.items() if k not in ("d_model", "n_keys", "n_heads", "knn")}
+    config = match_pkm(values["d_model"], dense.num_parameters(), heads, knn, **rest)
+    if "knn" in values and config.knn != knn:
+        raise ValueError(f"PKMConfig.knn = {knn!r} is not allowed: must be <= n_keys**2 ({config.n_keys**2}) of the "
+                         f"matched n_keys = {config.n_keys}; give {family.flag('n_keys')} or a smaller value")
+    return config  # without --pkm-knn, the default is capped at the n_keys**2 value slots
+
+
+_MATCHERS: dict[type[BlockConfig], Callable[..., BlockConfig]] = {
+    FFFConfig: _match_fff, UltraFastConfig: _match_path_neuron, SigmaMoEConfig: _match_sigma_moe, PKMConfig: _match_pkm,
+}
 
 
 _FIELD_ERROR = re.compile(r"^(\w+)\.(\w+) = ")
@@ -134,6 +271,44 @@ def _name_flags(message: str, family: Family) -> str:
     return f"{flag} {message[m.end():]} ({cls_name}.{field})"
 
 
+def float_flag_types(family: Family) -> dict[str, Callable[[str], float]]:
+    """{flag: argparse ``type``} for the family's float flags: each refuses, while the command line is parsed, a
+    value its config field refuses (NaN and +-inf always), naming the flag and what is allowed."""
+    out: dict[str, Callable[[str], float]] = {}
+    for cls in family.variants.values():
+        for f in dataclasses.fields(cls):
+            if f.type in (float, "float") and f.name not in SHARED_FIELDS:
+                out[family.flag(f.name)] = _checked_float(family, cls, f.name)
+    if family.name == "fff":
+        out["--fff-capacity-factor"] = _checked_float(family, None, "capacity_factor")
+    return out
+
+
+def _checked_float(family: Family, cls: type[BlockConfig] | None, field: str) -> Callable[[str], float]:
+    flag = "--" + f"{family.prefix}_{field}".replace("_", "-")
+    # the smallest valid config of the class, to check one field against the class's own rules
+    probe = {} if cls is None else {f.name: 4 for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not allowed: a number is required") from None
+        if cls is not None:
+            try:
+                cls(**probe, **{field: value})
+            except ValueError as e:
+                if str(e).startswith(f"{cls.__name__}.{field} = "):
+                    raise argparse.ArgumentTypeError(_name_flags(str(e), family)) from None
+        if not math.isfinite(value):
+            allowed = "a finite number" + (" (0: dropless)" if field == "capacity_factor" else "")
+            raise argparse.ArgumentTypeError(f"{flag} {value} is not allowed: must be {allowed}")
+        return value
+
+    parse.__name__ = "float"  # argparse names the type in some messages
+    return parse
+
+
 def every(args: Any, family: Family, n_layers: int) -> int:
     value = _get(args, family.every_attr)
     value = 1 if value is None else value
@@ -145,8 +320,9 @@ def every(args: Any, family: Family, n_layers: int) -> int:
     return value
 
 
-def layer_plan(args: Any, family: Family) -> list[BlockConfig | None]:
-    """Per decoder layer, the config of its feedforward block, or None where the layer stays dense.
+def layer_plan(args: Any, family: Family, config: BlockConfig | None = None) -> list[BlockConfig | None]:
+    """Per decoder layer, the config of its feedforward block (``config``, or the one the flags describe), or None
+    where the layer stays dense.
 
     With ``--<prefix>-every n`` the layers 0-based ``n-1, 2n-1, ...`` get the block (every layer for n = 1).
     """
@@ -154,7 +330,7 @@ def layer_plan(args: Any, family: Family) -> list[BlockConfig | None]:
     keep = _get(args, "decoder_layers_to_keep")
     if keep:
         n_layers = len(str(keep).split(","))
-    config = block_config(args, family)
+    config = block_config(args, family) if config is None else config
     n = every(args, family, n_layers)
     return [config if (i + 1) % n == 0 else None for i in range(n_layers)]
 

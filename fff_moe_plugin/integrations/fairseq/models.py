@@ -2,15 +2,19 @@
 
 Each is fairseq's ``transformer_lm`` (every option of it unchanged, including its defaults under
 ``--arch <name>``) with the feedforward block of every layer, or of every n-th, replaced by the package's
-block. The flags map one-to-one onto the block config's fields (see ``flags``); bad values fail when the
-model is built, before training starts, with a message naming the flag.
+block. The flags map one-to-one onto the block config's fields (see ``flags``). Size flags left unset are
+chosen so that each block has the parameters of the dense feedforward block it replaces (``flags.resolve``); the
+resolved block is logged at start-up, and each block's state dict records its config (``_extra_state``). A
+float flag that is out of range (NaN and +-inf included) fails while the command line is parsed; any other bad
+value fails when the model is built, before training starts; either way the message names the flag.
 
 Importing this module registers the models with fairseq; the plugin's ``--user-dir`` folder does it.
 No ``from __future__ import annotations`` here: fairseq reads the dataclass field types at run time.
 """
 
+import logging
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model
@@ -22,11 +26,14 @@ from fairseq.models.transformer_lm import (
 from fairseq.modules import AdaptiveInput, CharacterTokenEmbedder
 from fairseq.utils import eval_str_list, safe_getattr
 
-from .flags import FAMILIES, Family, layer_plan, shard_spec
+from .flags import FAMILIES, Family, float_flag_types, layer_plan, resolve, shard_spec
 from .layer import BlockDecoder
-from .sharded import check_spec
+from .sharded import check_spec, world
+
+logger = logging.getLogger(__name__)
 
 _UNSET = "unset: the block config's default"
+_MATCHED = "unset: matched to the parameters of the dense block --decoder-embed-dim / --decoder-ffn-embed-dim"
 
 
 def _help(text: str) -> dict:
@@ -39,9 +46,11 @@ class FFFLanguageModelConfig(TransformerLanguageModelConfig):
         default="leaf_mlp", metadata=_help("leaf_mlp: FFF tree of leaf MLPs (FFFConfig); path_neuron: "
                                            "UltraFastBERT path-neuron tree (UltraFastConfig)"))
     fff_every: int = field(default=1, metadata=_help("put the tree in every n-th decoder layer (1: all)"))
-    fff_depth: Optional[int] = field(default=None, metadata=_help("tree depth D: 2^D leaves (required)"))
+    fff_depth: Optional[int] = field(
+        default=None, metadata=_help(f"tree depth D: 2^D leaves ({_MATCHED}: the depth whose leaves come closest to "
+                                     f"128 units, at least 1; with --fff-leaf-width, the depth that matches best)"))
     fff_leaf_width: Optional[int] = field(
-        default=None, metadata=_help("hidden units of each leaf MLP (leaf_mlp; required)"))
+        default=None, metadata=_help(f"hidden units of each leaf MLP (leaf_mlp; {_MATCHED} at the tree's depth)"))
     fff_activation: Optional[str] = field(
         default=None, metadata=_help(f"activation of the leaves / neurons: relu, gelu, silu, tanh, sigmoid, "
                                      f"identity ({_UNSET}: relu for leaf_mlp, gelu for path_neuron)"))
@@ -81,8 +90,11 @@ class FFFLanguageModelConfig(TransformerLanguageModelConfig):
 @dataclass
 class SigmaMoELanguageModelConfig(TransformerLanguageModelConfig):
     moe_every: int = field(default=1, metadata=_help("put the sigma-MoE in every n-th decoder layer (1: all)"))
-    moe_n_experts: Optional[int] = field(default=None, metadata=_help("number of experts E (required)"))
-    moe_expert_size: Optional[int] = field(default=None, metadata=_help("hidden units G per expert (required)"))
+    moe_n_experts: Optional[int] = field(
+        default=None, metadata=_help(f"number of experts E ({_MATCHED}, at the expert size)"))
+    moe_expert_size: Optional[int] = field(
+        default=None, metadata=_help(f"hidden units G per expert ({_MATCHED} with --moe-n-experts; else 128, the "
+                                     f"sigma-MoE paper's, or d_ff / (4 top_k) when that is smaller)"))
     moe_top_k: Optional[int] = field(default=None, metadata=_help(f"experts per token K ({_UNSET}: 4)"))
     moe_activation: Optional[str] = field(
         default=None, metadata=_help(f"expert activation: relu, gelu, silu, tanh, sigmoid, identity "
@@ -100,9 +112,10 @@ class SigmaMoELanguageModelConfig(TransformerLanguageModelConfig):
 class PKMLanguageModelConfig(TransformerLanguageModelConfig):
     pkm_every: int = field(default=1, metadata=_help("put the PKM in every n-th decoder layer (1: all)"))
     pkm_n_keys: Optional[int] = field(
-        default=None, metadata=_help("sub-keys per half: n_keys^2 value slots (required)"))
+        default=None, metadata=_help(f"sub-keys per half: n_keys^2 value slots ({_MATCHED})"))
     pkm_n_heads: Optional[int] = field(default=None, metadata=_help(f"heads ({_UNSET}: 4)"))
-    pkm_knn: Optional[int] = field(default=None, metadata=_help(f"value slots read per head ({_UNSET}: 128)"))
+    pkm_knn: Optional[int] = field(
+        default=None, metadata=_help(f"value slots read per head ({_UNSET}: 128, or n_keys^2 if fewer)"))
     pkm_score_activation: Optional[str] = field(
         default=None, metadata=_help(f"relu or softmax over the selected scores ({_UNSET}: relu)"))
 
@@ -117,9 +130,18 @@ class BlockLanguageModel(TransformerLanguageModel):
     family: Family
 
     @classmethod
+    def add_args(cls, parser):
+        # fairseq's flags from the model's dataclass, the float flags typed to refuse what their config refuses
+        super().add_args(_TypedFlags(parser, float_flag_types(cls.family)))
+
+    @classmethod
     def build_model(cls, args, task):
         # validate the block flags first: a bad value fails here, before any weight is allocated
-        plan = layer_plan(args, cls.family)
+        resolved = resolve(args, cls.family)
+        plan = layer_plan(args, cls.family, resolved.config)
+        if world()[1] == 0:
+            layers = [i for i, config in enumerate(plan) if config is not None]
+            logger.info(f"fff_moe: decoder layers {', '.join(map(str, layers))} of {len(plan)}: {resolved.describe()}")
         shard = shard_spec(args, cls.family)
         if shard is not None:
             for config in plan:
@@ -170,6 +192,23 @@ class PKMLanguageModel(BlockLanguageModel):
     """Transformer LM with product-key memories as feedforward blocks (Lample et al. 2019)."""
 
     family = FAMILIES["pkm"]
+
+
+class _TypedFlags:
+    """A parser (or argument group) whose ``add_argument`` gives the flags in ``types`` their own ``type``."""
+
+    def __init__(self, parser, types: dict[str, Callable[[str], float]]):
+        self._parser = parser
+        self._types = types
+
+    def add_argument(self, *names, **kwargs):
+        for name in names:
+            if name in self._types:
+                kwargs["type"] = self._types[name]
+        return self._parser.add_argument(*names, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._parser, name)
 
 
 MODELS = {"fff": FFFLanguageModel, "sigma_moe": SigmaMoELanguageModel, "pkm": PKMLanguageModel}

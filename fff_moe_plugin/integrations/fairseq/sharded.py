@@ -13,6 +13,8 @@
   The leaves are tagged; a gradient hook divides a leaf's gradient by the data-parallel world size (the
   average ``legacy_ddp`` would have taken) and sums it over the expert-data-parallel group when that has more
   than one rank. The result is the gradient of the data-parallel run with the whole tree on every rank.
+  fairseq's gradient clipping would leave the tagged leaves out of the norm; the plugin's trainer hook
+  (``expert_parallel``) counts them, so clipping too acts as in the data-parallel run.
 - **Checkpoints.** The state dict is the core :class:`~fff_moe_plugin.fff.FFF`'s (``node_weight``,
   ``leaf_w1`` ``[L, d, l]``, ...), the leaves gathered from the expert-parallel group, so a checkpoint does not
   depend on the backend or ``ep_size``: ``fairseq-eval-lm``, sampling and the hub load it in one process.
@@ -136,7 +138,7 @@ class ShardedFFF(FeedForwardBlock):
                 self.inner = TutelFFF(config, spec.capacity_factor, ep_group, init_from=core)
         dp_size = size // spec.ep_size
         for p in self.expert_parameters():
-            p.expert = True  # legacy_ddp leaves it out of its all-reduce; clip_grad_norm_ keeps it out of the norm
+            p.expert = True  # legacy_ddp leaves it out of its all-reduce (the trainer hook counts it in the clip norm)
             if size > 1:
                 p.register_hook(functools.partial(_expert_grad, size, dp_group, dp_size))
         self._register_state_dict_hook(_save_core_format)
@@ -242,18 +244,25 @@ def _save_core_format(module: ShardedFFF, state_dict: dict, prefix: str, local_m
         del state_dict[key]
     fff = module.to_fff()
     for key, value in fff.state_dict(keep_vars=keep_vars).items():
-        state_dict[prefix + key] = value if keep_vars else value.detach()
+        # "_extra_state" is the block's config (a dict), the same record this module's own entry holds
+        state_dict[prefix + key] = value.detach() if torch.is_tensor(value) and not keep_vars else value
 
 
 def _load_core_format(module: ShardedFFF, state_dict: dict, prefix: str, local_metadata, strict, missing_keys,
                       unexpected_keys, error_msgs) -> None:
-    """Load-state-dict pre-hook: a core-format FFF state (all leaves) is turned into this rank's share."""
+    """Load-state-dict pre-hook: a core-format FFF state (all leaves) is turned into this rank's share.
+
+    The block's config record ``<prefix>_extra_state`` stays: this module checks it against its own config (a
+    state dict written before configs travelled with the weights has none and loads unchecked)."""
     if prefix + "node_weight" not in state_dict:
         return  # the backend's own keys: loaded as they are
-    core_keys = [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]
+    extra = prefix + "_extra_state"
+    core_keys = [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):] and k != extra]
     with torch.device("meta"):
         fff = FFF(module.config)
     own = {k[len(prefix):]: state_dict[k] for k in core_keys}
+    if extra in state_dict:
+        own["_extra_state"] = state_dict[extra]
     result = fff.load_state_dict(own, strict=False, assign=True)
     if result.missing_keys:
         error_msgs.append(f"FFF block {prefix!r}: missing {', '.join(prefix + k for k in result.missing_keys)}")

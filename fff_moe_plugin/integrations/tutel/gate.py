@@ -91,7 +91,7 @@ class TutelTreeGate(nn.Module):
             logits = tree.leak(self.node_logits(x), c.region_leak)  # [S, N]
             log_p = tree.leaf_log_probs(logits, c.depth)  # [S, L]
             path_nodes, end = tree.descend_from_logits(logits, c.depth)  # [S, D], [S]
-            path_logits = logits.gather(1, path_nodes)  # [S, D]
+            path_logits = tree.take_along(logits, path_nodes)  # [S, D]
             self._route = TreeRoute(path_nodes, path_logits, end - c.n_nodes, log_p, logits)
             return log_p
         leak = c.region_leak if self.training else 0.0
