@@ -69,6 +69,9 @@ class FeedForwardBlock(nn.Module):
                 f"{type(self).__name__} expects inputs of shape [..., {d}] (d_model={d}), got {tuple(x.shape)}"
             )
         p = next(self.parameters())
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if autocast and x.dtype in (p.dtype, torch.get_autocast_dtype(x.device.type)):
+            return x.reshape(-1, d)  # under torch.autocast the block runs its experts in the autocast dtype
         if x.dtype != p.dtype:
             raise ValueError(
                 f"{type(self).__name__}: input dtype {x.dtype} differs from the parameters' {p.dtype}; "

@@ -68,7 +68,7 @@ class FFF(FeedForwardBlock):
     # -- pieces shared with the integrations --------------------------------------------------------
     def node_logits(self, x: Tensor) -> Tensor:
         """Logits of every node for every token: [S, d] -> [S, N]."""
-        return F.linear(x, self.node_weight, self.node_bias)
+        return tree.decision_linear(x, self.node_weight, self.node_bias)
 
     def route(self, x: Tensor, leak_rate: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
         """Hard descent (:func:`fff_moe_plugin.tree.route`): path nodes [S, D], path logits [S, D], leaf [S],
@@ -114,10 +114,10 @@ class FFF(FeedForwardBlock):
             return tree_out
         h = x @ self.master_w1
         if self.master_b1 is not None:
-            h = h + self.master_b1
+            h = h + self.master_b1.to(h.dtype)  # .to: under autocast h is bfloat16
         m = F.dropout(self.act(h), self.config.leaf_dropout, self.training) @ self.master_w2
         if self.master_b2 is not None:
-            m = m + self.master_b2
+            m = m + self.master_b2.to(m.dtype)
         g = torch.sigmoid(self.master_gate).to(m.dtype)
         return g * tree_out + (1 - g) * m
 
@@ -155,7 +155,7 @@ class FFF(FeedForwardBlock):
         # every leaf at once, as one dense layer of the training width L * l
         h = x @ self.leaf_w1.permute(1, 0, 2).reshape(c.d_model, L * l)  # [S, L*l]
         if self.leaf_b1 is not None:
-            h = h + self.leaf_b1.reshape(L * l)
+            h = h + self.leaf_b1.reshape(L * l).to(h.dtype)  # .to: under autocast h is bfloat16
         h = F.dropout(self.act(h), c.leaf_dropout, self.training).view(S, L, l)
         # fold the mixture weights into the hidden units: sum_j c_j (h_j W2_j + b2_j)
         mixed = (h * leaf_p.to(h.dtype)[:, :, None]).reshape(S, L * l)  # [S, L*l]

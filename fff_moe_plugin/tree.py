@@ -36,6 +36,18 @@ def level_slice(level: int) -> slice:
     return slice(2**level - 1, 2 ** (level + 1) - 1)
 
 
+def decision_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight.T + bias`` in at least float32, whatever autocast says.
+
+    Routing decisions, and the losses computed from them, are made in float32 also when the experts run in
+    bfloat16 under ``torch.autocast``: a bfloat16 logit (8 bits of mantissa) sends tokens near a boundary the other
+    way and makes the path probabilities coarse. Float64 stays float64.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
 def leaf_log_probs(logits: Tensor, depth: int) -> Tensor:
     """Log path probability of every leaf, computed in log space so that deep trees do not underflow.
 
@@ -77,10 +89,11 @@ def descend(
     S = x.shape[0]
     node = torch.zeros(S, dtype=torch.long, device=x.device)  # [S]
     nodes, logits = [], []
+    dtype = torch.promote_types(x.dtype, torch.float32)  # decisions in at least float32 (see decision_linear)
     for _ in range(levels):
-        z = (x * weight.index_select(0, node)).sum(-1)  # [S]
+        z = (x.to(dtype) * weight.index_select(0, node).to(dtype)).sum(-1)  # [S]
         if bias is not None:
-            z = z + bias.index_select(0, node)
+            z = z + bias.index_select(0, node).to(dtype)
         z = leak(z, leak_rate)
         nodes.append(node)
         logits.append(z)
@@ -113,7 +126,7 @@ def route(
     (``all_logits`` None). Both give the same routing and path logits up to float rounding.
     """
     if every_logit or weight.shape[0] <= FULL_LOGITS_MAX_NODES:
-        all_logits = leak(F.linear(x, weight, bias), leak_rate)  # [S, N]
+        all_logits = leak(decision_linear(x, weight, bias), leak_rate)  # [S, N]
         nodes, end = descend_from_logits(all_logits, levels, strict=strict)  # [S, D], [S]
         return nodes, take_along(all_logits, nodes), end, all_logits
     nodes, logits, end = descend(x, weight, bias, levels, strict=strict, leak_rate=leak_rate)

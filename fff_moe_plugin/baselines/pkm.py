@@ -38,8 +38,11 @@ class PKM(FeedForwardBlock):
         """Selected slots and their scores for each head: [S, d] -> ([S, H, knn] long, [S, H, knn])."""
         c = self.config
         S = x.shape[0]
-        q = x.view(S, 2, c.d_model // 2)  # [S, 2, d/2]
-        scores = torch.einsum("sxd,hxnd->shxn", q, self.keys)  # [S, H, 2, n]
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        q = x.view(S, 2, c.d_model // 2).to(dtype)  # [S, 2, d/2]
+        # the scores select the slots: float32 at least, also under autocast (see tree.decision_linear)
+        with torch.autocast(x.device.type, enabled=False):
+            scores = torch.einsum("sxd,hxnd->shxn", q, self.keys.to(dtype))  # [S, H, 2, n]
         sub_k = min(c.knn, c.n_keys)
         v, i = scores.topk(sub_k, dim=-1)  # [S, H, 2, k']
         combined = v[:, :, 0, :, None] + v[:, :, 1, None, :]  # [S, H, k', k']

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .. import tree
 from ..block import BlockOutput, FeedForwardBlock, activation_fn
 from ..config import SigmaMoEConfig
 from ..losses import counts_of, sigma_moe_entropy_loss
@@ -49,7 +50,7 @@ class SigmaMoE(FeedForwardBlock):
         lead = x.shape[:-1]
         x = self._flatten_input(x)  # [S, d]
         S = x.shape[0]
-        logits = x @ self.selection.t()  # [S, E]
+        logits = tree.decision_linear(x, self.selection, None)  # [S, E], float32 at least: it selects experts
         choose_on = logits
         dropped = None
         if self.training and c.expert_dropout > 0:

@@ -125,6 +125,13 @@ def grouped_mlp(
     w2: [E, h, o]; b2: [E, o].  Returns [S, o]; tokens without an assignment get zeros.
     """
     global last_path
+    if torch.is_autocast_enabled(x.device.type):
+        # the custom ops are outside autocast's lists: cast here, so the experts run in the autocast dtype (the
+        # gradients reach the float32 weights through the casts)
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
+        b1 = b1.to(dt) if b1 is not None else None
+        b2 = b2.to(dt) if b2 is not None else None
     if not (x.dtype == w1.dtype == w2.dtype and grouped_mm_available(x.device, x.dtype)):
         last_path = "loop"
         return grouped_mlp_loop(x, token, expert, gate, w1, b1, w2, b2, act, dropout, training)
