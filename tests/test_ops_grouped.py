@@ -121,3 +121,23 @@ def test_grouped_path_compiles_without_graph_break_and_equals_eager(dtype):
     torch.testing.assert_close(loss_c, loss_e)
     for gc, ge in zip(grads_c, grads_e):
         torch.testing.assert_close(gc, ge)
+
+
+def test_float64_compiles_without_host_reads_through_the_masked_path():
+    args = _problem(S=30, E=4, d=6, h=5, o=3, dtype=torch.float64, device="cpu", k=2)
+    x, token, expert, gate, w1, b1, w2, b2 = args
+
+    def step(x, gate, w1, b1, w2, b2):
+        return grouped_mlp(x, token, expert, gate, w1, b1, w2, b2, torch.tanh).square().sum()
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step)(x, gate, w1, b1, w2, b2)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    params = (x, gate, w1, b1, w2, b2)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    grads_c = torch.autograd.grad(compiled(*params), params)
+    assert grouped.last_path == "masked"
+    ref = torch.autograd.grad(grouped_mlp_reference(x, token, expert, gate, w1, b1, w2, b2, torch.tanh).square().sum(),
+                              params)
+    for a, b in zip(grads_c, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -14,7 +14,8 @@ the backward kernels see it; every output row belongs to a group (the offsets en
 ``out_dtype`` is asked for; and the call is a ``torch.library`` custom op with its own shape function and
 backward, so ``torch.compile`` traces float32 too (grouped_mm's own meta function accepts bfloat16 only).
 float64, and devices without grouped_mm, run the per-expert loop (:func:`grouped_mlp_loop`), which reads
-the group sizes on the host.
+the group sizes on the host; inside ``torch.compile`` they run :func:`grouped_mlp_masked` instead, which reads
+nothing on the host at E times the cost.
 
 Axes: S tokens, A assignments (token, expert, gate), E experts, d input, h hidden, o output.
 """
@@ -33,7 +34,7 @@ _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ALIGN_BYTES = 16  # grouped_mm asks every stride to be a multiple of 16 bytes
 _probed: dict[tuple[str, torch.dtype], bool] = {}
 
-# which implementation the last call of grouped_mlp took ("grouped" or "loop"), for tests and benchmarks
+# which implementation the last call of grouped_mlp took ("grouped", "loop" or "masked"), for tests and benchmarks
 last_path: Optional[str] = None
 
 
@@ -133,6 +134,10 @@ def grouped_mlp(
         b1 = b1.to(dt) if b1 is not None else None
         b2 = b2.to(dt) if b2 is not None else None
     if not (x.dtype == w1.dtype == w2.dtype and grouped_mm_available(x.device, x.dtype)):
+        if torch.compiler.is_compiling():
+            # no host reads inside a graph: every expert on every row, each row keeping its own expert's result
+            last_path = "masked"
+            return grouped_mlp_masked(x, token, expert, gate, w1, b1, w2, b2, act, dropout, training)
         last_path = "loop"
         return grouped_mlp_loop(x, token, expert, gate, w1, b1, w2, b2, act, dropout, training)
     last_path = "grouped"
@@ -203,6 +208,38 @@ def grouped_mlp_loop(
         start += n
     # one index_add over all groups (an out-of-place one per group would copy [S, o] each time)
     return x.new_zeros(S, o).index_add(0, tok_sorted, torch.cat(rows))
+
+
+def grouped_mlp_masked(
+    x: Tensor,
+    token: Tensor,
+    expert: Tensor,
+    gate: Tensor | None,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    act: Callable[[Tensor], Tensor],
+    dropout: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """:func:`grouped_mlp` with static shapes and no host reads, at E times the cost: each expert runs on every
+    assignment and each assignment keeps its own expert's result. What ``torch.compile`` captures for dtypes
+    grouped_mm lacks (float64)."""
+    S, E, o = x.shape[0], w1.shape[0], w2.shape[-1]
+    xa = x.index_select(0, token)  # [A, d]
+    y = xa.new_zeros(token.shape[0], o)
+    for e in range(E):
+        h = xa @ w1[e]
+        if b1 is not None:
+            h = h + b1[e]
+        ye = F.dropout(act(h), dropout, training) @ w2[e]
+        if b2 is not None:
+            ye = ye + b2[e]
+        y = torch.where((expert == e)[:, None], ye, y)
+    if gate is not None:
+        y = y * gate[:, None].to(y.dtype)
+    return x.new_zeros(S, o).index_add(0, token, y)
 
 
 def grouped_mlp_reference(
