@@ -1,7 +1,7 @@
 """The leaf-MLP fast feedforward layer: a tree of single-neuron nodes routing to small leaf MLPs.
 
 Implements Belcak & Wattenhofer, "Fast Feedforward Networks" (arXiv 2308.14711), with the load
-balancing and master leaf of the eFFF paper (arXiv 2405.16836). PAPERS.md §1 and §3 give the formulas.
+balancing and master leaf of the eFFF paper (arXiv 2405.16836). docs/methods.md §1 and §3 give the formulas.
 """
 
 from __future__ import annotations

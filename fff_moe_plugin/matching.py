@@ -1,5 +1,5 @@
 """Parameter matching: configs of each block with (as nearly as integers allow) the parameters of a dense
-feedforward block, as the sigma-MoE paper's parameter-equal protocol asks (PAPERS.md §4).
+feedforward block, as the sigma-MoE paper's parameter-equal protocol asks (docs/methods.md §4).
 
 Counts come from the configs' exact formulas (``num_parameters``), which the tests hold equal to
 ``sum(p.numel())`` of the built modules.

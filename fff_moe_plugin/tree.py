@@ -3,7 +3,7 @@
 Every layer and integration of the package (the FFF layer, the path-neuron layer, the DeepSpeed and Tutel
 gates, the fast kernels' references) calls these; none re-derives node indices or path probabilities.
 
-Conventions (PAPERS.md §1):
+Conventions (docs/methods.md §1):
 - A tree of depth D has ``2**D - 1`` nodes in heap order and ``2**D`` leaves; the children of node n are
   ``2n + 1`` (left) and ``2n + 2`` (right). Level k holds nodes ``2**k - 1 .. 2**(k+1) - 2``.
 - A node's logit z gives the probability of going RIGHT, sigmoid(z). Hard descent goes right when
@@ -25,10 +25,6 @@ from .ops.gather import take_along
 
 def num_nodes(depth: int) -> int:
     return 2**depth - 1
-
-
-def num_leaves(depth: int) -> int:
-    return 2**depth
 
 
 def level_slice(level: int) -> slice:

@@ -1,7 +1,7 @@
 """The path-neuron FFF of UltraFastBERT (Belcak & Wattenhofer, arXiv 2311.10770).
 
 A different design under the FFF name: every tree node is an activation neuron that contributes to the
-output; there are no leaf MLPs and no sigmoid router. PAPERS.md §2 gives the formula.
+output; there are no leaf MLPs and no sigmoid router. docs/methods.md §2 gives the formula.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ def test_counts_equal_built_models_and_are_close(d_model, dense_ffn):
 
 
 def test_sigma_moe_paper_wikitext103_small_setting_is_found():
-    # PAPERS.md §4: d 412, MoE 16 x 128 K=4, PKM 62^2 slots, dense d_ff 2053 (4.985 * 412)
+    # docs/methods.md §4: d 412, MoE 16 x 128 K=4, PKM 62^2 slots, dense d_ff 2053 (4.985 * 412)
     rows = {r.kind: r for r in match(412, 2053, ["sigma_moe", "pkm", "fff"])}
     assert (rows["sigma_moe"].config.n_experts, rows["sigma_moe"].config.expert_size) == (16, 128)
     assert rows["pkm"].config.n_keys == 62

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train one parameter-equal preset of the sigma-MoE paper's settings (PAPERS.md §4) with fairseq-train.
+# Train one parameter-equal preset of the sigma-MoE paper's settings (docs/methods.md §4) with fairseq-train.
 #   configs/fairseq/train_preset.sh SETTING KIND DATA_BIN SAVE_DIR [more fairseq-train flags]
 # SETTING: wt103_small | wt103_big | enwik8 | ptb_tiny      KIND: dense | fff | sigma_moe | pkm
 # DATA_BIN: from `fff-moe prepare-ptb --out DIR --train ... --valid ... --test ... [--tokenizer sentencepiece]`.

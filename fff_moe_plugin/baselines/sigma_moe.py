@@ -1,5 +1,5 @@
 """sigma-MoE (Csordas, Irie & Schmidhuber, "Approximating Two-Layer Feedforward Networks for Efficient
-Transformers", EMNLP 2023 Findings, arXiv 2310.10837). PAPERS.md §4 gives the formulas."""
+Transformers", EMNLP 2023 Findings, arXiv 2310.10837). docs/methods.md §4 gives the formulas."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The eFFF image classifier: 784 pixels -> one FFF tree -> 10 logits, in the paper's three variants.
 
-eFFF (arXiv 2405.16836, PAPERS.md §3): plain FFF (cross-entropy + hardening), + leaf load balancing
+eFFF (arXiv 2405.16836, docs/methods.md §3): plain FFF (cross-entropy + hardening), + leaf load balancing
 (Switch loss with leaves as experts), + load balancing + master leaf (an always-on MLP blended with the tree
 by a learned sigmoid gate). The master leaf is 784 -> 8 -> 10 as in the paper's MNIST code, whatever the
 tree's leaf width, so the third variant reads more parameters per image than the other two.

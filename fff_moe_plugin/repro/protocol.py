@@ -1,6 +1,6 @@
 """Training, model selection and evaluation of one eFFF run, with the test set out of every choice.
 
-The schedule is the paper's (PAPERS.md §3), minus its two protocol flaws:
+The schedule is the paper's (docs/methods.md §3), minus its two protocol flaws:
 - phase 1: AdamW, cross-entropy + ``aux_loss`` of the FFF (hardening h, and load balancing alpha for the
   balanced variants), soft routing; after each epoch the model is scored on the VALIDATION split with hard
   routing; the best state is kept; training stops after ``patience`` epochs without improvement;

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .model import VARIANT_LABELS
 
-# PAPERS.md §3: the paper's claims and the figures readable from its released checkpoints and logs. Its
+# docs/methods.md §3: the paper's claims and the figures readable from its released checkpoints and logs. Its
 # best checkpoints were selected on the TEST set (our protocol selects on validation), and the file names
 # do not say which variant they are.
 PAPER_CLAIMS = {"train_gain_points": 16.3, "test_gain_points": 3.0, "runs_per_setting": 10}

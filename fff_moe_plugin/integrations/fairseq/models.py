@@ -210,5 +210,3 @@ class _TypedFlags:
     def __getattr__(self, name):
         return getattr(self._parser, name)
 
-
-MODELS = {"fff": FFFLanguageModel, "sigma_moe": SigmaMoELanguageModel, "pkm": PKMLanguageModel}

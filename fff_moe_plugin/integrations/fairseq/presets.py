@@ -1,6 +1,6 @@
 """Preset sizes: a CPU-sized Penn Treebank model and the sigma-MoE paper's settings, parameter-equal.
 
-PAPERS.md §4: WikiText-103 small (d 412, 16 layers, 10 heads, MoE 16 x 128 K=4, PKM 62^2), WikiText-103
+docs/methods.md §4: WikiText-103 small (d 412, 16 layers, 10 heads, MoE 16 x 128 K=4, PKM 62^2), WikiText-103
 big (d 1024, 18 layers, 16 heads, dropout 0.2, MoE 32 x 128 K=4, expert dropout 0.1, PKM 89^2) and enwik8
 (d 512, 12 layers, 8 heads, MoE 16 x 128 K=4, gamma 1e-4, expert dropout 0.05, PKM 62^2), whose dense
 baselines have d_ff = 4.985 d, 4.014 d and 4.01 d. Every feedforward block comes from the package's

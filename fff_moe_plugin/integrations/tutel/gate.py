@@ -5,7 +5,7 @@ Tutel's gate contract (``tutel.impls.moe_layer.MOELayer``): the layer builds the
 ``gate_noise``, calls ``gate(x [S, d]) -> logits [S, E]``, takes ``softmax`` of the logits as the routing
 scores, keeps each token's ``top_k`` best experts and uses their scores as the combine weights.
 
-The tree routes in two ways (FFF paper, arXiv 2308.14711; PAPERS.md §1):
+The tree routes in two ways (FFF paper, arXiv 2308.14711; docs/methods.md §1):
 - descending (hard training and every eval): each token reaches one leaf by hard descent. Tutel's top-1 of
   the leaf probabilities would pick the most probable leaf, which is not always the leaf the descent
   reaches, and no distribution has the descended leaf as its strict maximum with weight P(path) when
