@@ -3,9 +3,10 @@
 from .baselines.dense import DenseFFN
 from .baselines.pkm import PKM
 from .baselines.sigma_moe import SigmaMoE
-from .block import BlockOutput, build_block
+from .block import BlockOutput
 from .config import DenseConfig, FFFConfig, PKMConfig, SigmaMoEConfig, UltraFastConfig
 from .fff import FFF
+from .registry import build_block
 from .ultrafast import UltraFastFFF
 
 __version__ = "0.1.0"

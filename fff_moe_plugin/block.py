@@ -8,12 +8,12 @@ this to treat all blocks alike.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .activations import activation_fn  # noqa: F401  (re-exported: the blocks and integrations import it here)
 from .config import BlockConfig
 
 
@@ -32,20 +32,6 @@ class BlockOutput(NamedTuple):
     aux_loss: Tensor
     losses: dict[str, Tensor]
     stats: dict[str, Tensor]
-
-
-_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "silu": F.silu,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "identity": lambda t: t,
-}
-
-
-def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
-    return _ACTIVATIONS[name]
 
 
 class FeedForwardBlock(nn.Module):
@@ -121,17 +107,3 @@ class FeedForwardBlock(nn.Module):
     def zero(self) -> Tensor:
         """A float32 scalar zero on the block's device (for losses in eval)."""
         return torch.zeros((), dtype=torch.float32, device=next(self.parameters()).device)
-
-
-def build_block(config: BlockConfig) -> FeedForwardBlock:
-    """The block a config describes."""
-    from .baselines.dense import DenseFFN
-    from .baselines.pkm import PKM
-    from .baselines.sigma_moe import SigmaMoE
-    from .fff import FFF
-    from .ultrafast import UltraFastFFF
-
-    classes = {c.config_class.kind: c for c in (FFF, UltraFastFFF, SigmaMoE, PKM, DenseFFN)}
-    if config.kind not in classes:
-        raise ValueError(f"no block for config kind {config.kind!r}; known: {', '.join(classes)}")
-    return classes[config.kind](config)

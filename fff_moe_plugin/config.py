@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity")
+from .activations import NAMES as ACTIVATIONS
 
 # The largest tree depth accepted at all, and the largest layer (in parameters) a config may describe.
 # 2**34 float32 parameters are 64 GiB: anything bigger is a typo, not an experiment.

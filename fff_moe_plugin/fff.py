@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import tree
-from .block import BlockOutput, FeedForwardBlock, activation_fn
-from .config import FFFConfig
+from .activations import activation_fn, activation_module, activation_name
+from .block import BlockOutput, FeedForwardBlock
+from .config import ACTIVATIONS, FFFConfig
 from .losses import tree_losses, tree_stats, warn_nonfinite
 from .ops import inference
 from .ops.grouped import grouped_mlp
@@ -189,13 +190,11 @@ class FFF(FeedForwardBlock):
         """
         if getattr(ref, "train_hardened", False):
             raise ValueError("fastfeedforward.FFF(train_hardened=True) has no counterpart; use train_mode='hard'")
-        names = {nn.ReLU: "relu", nn.GELU: "gelu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid",
-                 nn.Identity: "identity"}
-        act = names.get(type(ref.activation))
+        act = activation_name(ref.activation)
         if act is None:
             raise ValueError(
-                f"activation {type(ref.activation).__name__} of the reference has no counterpart; "
-                f"supported: {', '.join(n.__name__ for n in names)}"
+                f"activation {ref.activation!r} of the reference has no counterpart; supported: "
+                f"{', '.join(repr(activation_module(n)) for n in ACTIVATIONS)}"
             )
         values = dict(
             d_model=ref.input_width, leaf_width=ref.leaf_width, depth=int(ref.depth), d_out=ref.output_width,
@@ -227,9 +226,7 @@ class FFF(FeedForwardBlock):
         c = self.config
         if c.master_leaf or not c.bias:
             raise ValueError("only an FFF without master leaf and with biases has a fastfeedforward counterpart")
-        acts = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
-                "identity": nn.Identity}
-        ref = fastfeedforward.FFF(c.d_model, c.leaf_width, c.d_out, c.depth, activation=acts[c.activation](),
+        ref = fastfeedforward.FFF(c.d_model, c.leaf_width, c.d_out, c.depth, activation=activation_module(c.activation),
                                   dropout=c.leaf_dropout, region_leak=c.region_leak)
         with torch.no_grad():
             ref.node_weights.copy_(self.node_weight)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import tree
-from .block import BlockOutput, FeedForwardBlock, activation_fn
+from .activations import activation_fn
+from .block import BlockOutput, FeedForwardBlock
 from .config import UltraFastConfig
 from .losses import counts_of
 from .ops import inference

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..block import BlockOutput, FeedForwardBlock, activation_fn
+from ..activations import activation_fn
+from ..block import BlockOutput, FeedForwardBlock
 from ..config import DenseConfig
 
 

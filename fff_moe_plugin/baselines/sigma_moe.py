@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import tree
-from ..block import BlockOutput, FeedForwardBlock, activation_fn
+from ..activations import activation_fn
+from ..block import BlockOutput, FeedForwardBlock
 from ..config import SigmaMoEConfig
 from ..losses import counts_of, sigma_moe_entropy_loss
 from ..ops.gather import take_along

@@ -29,12 +29,13 @@ import torch
 from torch import Tensor
 
 from .. import tree
-from ..block import activation_fn
+from ..activations import NAMES, activation_fn
 from . import extension
 from .grouped import grouped_mlp
 
 # activation name -> code understood by the C++ kernels (csrc/fff_inference.cpp, enum Act)
-ACTIVATION_CODES = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4, "sigmoid": 5}
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4, "sigmoid": 5}  # the C++ switch
+assert set(ACTIVATION_CODES) == set(NAMES), "every activation needs a code in the C++ kernels"
 REFERENCE_ENV = "FFF_MOE_REFERENCE"
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 

@@ -16,8 +16,9 @@ from fairseq.modules.fairseq_dropout import FairseqDropout
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from torch import Tensor, nn
 
-from ...block import BlockOutput, build_block
+from ...block import BlockOutput
 from ...config import BlockConfig, FFFConfig
+from ...registry import build_block
 from .flags import counts_size
 from .sharded import ShardedFFF, ShardSpec
 

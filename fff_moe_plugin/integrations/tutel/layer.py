@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tutel import moe as tutel_moe
 
-from ...block import BlockOutput, FeedForwardBlock, activation_fn
+from ...activations import activation_fn
+from ...block import BlockOutput, FeedForwardBlock
 from ...config import FFFConfig
 from ...fff import FFF
 from ...losses import tree_losses, tree_stats
