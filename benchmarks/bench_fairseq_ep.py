@@ -76,7 +76,7 @@ def train(args, data: Path, backend: str) -> dict:
         flags += ["--fff-backend", backend, "--fff-ep-size", str(args.nprocs)]
     logs = args.work / f"{backend}-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    script = ("import sys; from fff_moe_plugin.integrations.fairseq.launch import run_ranks; "
+    script = ("import sys; from fff_moe_plugin.experiments.lm.launch import run_ranks; "
               f"sys.exit(run_ranks({flags!r}, {args.nprocs}, log_dir={str(logs)!r}))")
     start = time.perf_counter()
     with open(logs / "rank0.log", "w") as out:

@@ -150,7 +150,7 @@ def test_repro_efff_refuses_a_missing_data_directory_before_writing(capsys, tmp_
 
 
 def test_a_diverged_run_is_not_recorded(tmp_path):
-    from fff_moe_plugin.repro.protocol import Schedule
+    from fff_moe_plugin.experiments.efff.protocol import Schedule
 
     with pytest.raises(ValueError, match="lr = inf is not allowed"):
         Schedule(lr=math.inf)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fff_moe_plugin.repro.datasets import (
+from fff_moe_plugin.experiments.efff.datasets import (
     FASHION_MNIST_DIR,
     ImageDataset,
     load_fashion_mnist,
@@ -18,7 +18,7 @@ from fff_moe_plugin.repro.datasets import (
     load_mnist,
     split_for_selection,
 )
-from fff_moe_plugin.repro.idx import read_idx
+from fff_moe_plugin.experiments.efff.idx import read_idx
 
 needs_fashion_mnist = pytest.mark.skipif(
     not os.path.isdir(FASHION_MNIST_DIR),

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from fff_moe_plugin.cli import main
-from fff_moe_plugin.repro.datasets import FASHION_MNIST_DIR, ImageDataset, SealedTestSet, split_for_selection
-from fff_moe_plugin.repro.model import EFFFClassifier, Setting, classifier_config
-from fff_moe_plugin.repro.protocol import Schedule, evaluate, run_one, train_and_select
-from fff_moe_plugin.repro.runner import parse_settings
+from fff_moe_plugin.experiments.efff.datasets import FASHION_MNIST_DIR, ImageDataset, SealedTestSet, split_for_selection
+from fff_moe_plugin.experiments.efff.model import EFFFClassifier, Setting, classifier_config
+from fff_moe_plugin.experiments.efff.protocol import Schedule, evaluate, run_one, train_and_select
+from fff_moe_plugin.experiments.efff.runner import parse_settings
 
 
 @pytest.fixture(autouse=True)

@@ -13,8 +13,8 @@ pytest.importorskip("fairseq", reason="needs fairseq: pip install 'fff-moe-plugi
 from fairseq import options, tasks  # noqa: E402
 
 from fff_moe_plugin.config import DenseConfig, FFFConfig, SigmaMoEConfig  # noqa: E402
+from fff_moe_plugin.experiments.lm.data_bin import fairseq_command  # noqa: E402
 from fff_moe_plugin.integrations.fairseq import user_dir  # noqa: E402
-from fff_moe_plugin.integrations.fairseq.data_bin import fairseq_command  # noqa: E402
 from fff_moe_plugin.integrations.fairseq.flags import FAMILIES, float_flag_types  # noqa: E402
 
 ARCHS = ("transformer_lm_fff", "transformer_lm_sigma_moe", "transformer_lm_pkm")

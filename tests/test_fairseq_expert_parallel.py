@@ -16,9 +16,9 @@ pytest.importorskip("deepspeed", reason="needs DeepSpeed: pip install 'fff-moe-p
 
 from helpers import assert_same_state  # noqa: E402
 
+from fff_moe_plugin.experiments.lm.data_bin import fairseq_command  # noqa: E402
+from fff_moe_plugin.experiments.lm.launch import rank_commands  # noqa: E402
 from fff_moe_plugin.integrations.fairseq import user_dir  # noqa: E402
-from fff_moe_plugin.integrations.fairseq.data_bin import fairseq_command  # noqa: E402
-from fff_moe_plugin.integrations.fairseq.launch import rank_commands  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +63,7 @@ def train_ranks(lm_data_bin: Path, save_dir: Path, *flags: str, max_update: int 
 def launch(args: list[str], logs: Path, nprocs: int = 2) -> int:
     """``fff-moe cpu-ranks``' launcher, rank 0's output kept in ``logs/rank0.log``."""
     logs.mkdir(parents=True, exist_ok=True)
-    script = ("import sys; from fff_moe_plugin.integrations.fairseq.launch import run_ranks; "
+    script = ("import sys; from fff_moe_plugin.experiments.lm.launch import run_ranks; "
               f"sys.exit(run_ranks({args!r}, {nprocs}, log_dir={str(logs)!r}))")
     with open(logs / "rank0.log", "w") as out:
         return subprocess.run([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT).returncode
@@ -229,7 +229,7 @@ def test_bad_backend_flags_fail_at_start_up_naming_the_flag(lm_data_bin, tmp_pat
 
 
 def test_the_launcher_shares_the_cores_between_the_ranks_unless_told(monkeypatch):
-    from fff_moe_plugin.integrations.fairseq.launch import rank_environment
+    from fff_moe_plugin.experiments.lm.launch import rank_environment
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))

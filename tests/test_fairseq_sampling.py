@@ -22,8 +22,8 @@ if int(np.__version__.split(".")[0]) >= 2:
                 "samples; install numpy<2 (pip install 'numpy<2', pinned by the fff-moe-plugin[fairseq] extra)",
                 allow_module_level=True)
 
+from fff_moe_plugin.experiments.lm.data_bin import fairseq_command  # noqa: E402
 from fff_moe_plugin.integrations.fairseq import user_dir  # noqa: E402
-from fff_moe_plugin.integrations.fairseq.data_bin import fairseq_command  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,9 @@ pytest.importorskip("fairseq", reason="needs fairseq: pip install 'fff-moe-plugi
 
 from helpers import assert_same_state  # noqa: E402
 
+from fff_moe_plugin.experiments.lm.data_bin import fairseq_command  # noqa: E402
+from fff_moe_plugin.experiments.lm.launch import run_ranks  # noqa: E402
 from fff_moe_plugin.integrations.fairseq import user_dir  # noqa: E402
-from fff_moe_plugin.integrations.fairseq.data_bin import fairseq_command  # noqa: E402
-from fff_moe_plugin.integrations.fairseq.launch import run_ranks  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,15 @@ import argparse
 
 import torch
 
-from fff_moe_plugin.repro import VARIANTS, Schedule, SealedTestSet, Setting, load_dataset, run_one, split_for_selection
+from fff_moe_plugin.experiments.efff import (
+    VARIANTS,
+    Schedule,
+    SealedTestSet,
+    Setting,
+    load_dataset,
+    run_one,
+    split_for_selection,
+)
 
 
 def main() -> None:

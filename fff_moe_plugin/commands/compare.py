@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from ..integrations.fairseq import require_fairseq
 
     require_fairseq()
-    from ..integrations.fairseq import comparison, report
+    from ..experiments.lm import comparison, report
     from ..integrations.fairseq.presets import SETTINGS
 
     if args.setting not in SETTINGS:
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         data = out / f"ptb-{args.tokenizer}" / "data-bin"
         if not (data / "dict.txt").is_file():
             from ..data import penn_treebank
-            from ..integrations.fairseq.data_bin import make_data_bin
+            from ..experiments.lm.data_bin import make_data_bin
 
             print(f"preparing Penn Treebank ({args.tokenizer} level) with fairseq-preprocess ...", flush=True)
             make_data_bin(penn_treebank(), data.parent, args.tokenizer)

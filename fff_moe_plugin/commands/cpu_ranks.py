@@ -13,8 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..experiments.lm.launch import run_ranks
     from ..integrations.fairseq import require_fairseq
-    from ..integrations.fairseq.launch import run_ranks
 
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     if not train_args:

@@ -19,8 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data import penn_treebank, read_splits
+    from ..experiments.lm.data_bin import make_data_bin
     from ..integrations.fairseq import require_fairseq
-    from ..integrations.fairseq.data_bin import make_data_bin
 
     own = {k: getattr(args, k) for k in ("train", "valid", "test") if getattr(args, k)}
     if own and len(own) != 3:

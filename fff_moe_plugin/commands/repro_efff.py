@@ -95,10 +95,10 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..repro.model import VARIANTS
-    from ..repro.protocol import Schedule
-    from ..repro.report import write_report
-    from ..repro.runner import GRIDS, RUNS_FILE, Grid, check_schedule, load_runs, parse_settings, reproduce
+    from ..experiments.efff.model import VARIANTS
+    from ..experiments.efff.protocol import Schedule
+    from ..experiments.efff.report import write_report
+    from ..experiments.efff.runner import GRIDS, RUNS_FILE, Grid, check_schedule, load_runs, parse_settings, reproduce
 
     size = dict(FULL if args.full else DEFAULT)
     if args.ten_seeds:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ...config import BlockConfig
-from . import user_dir
+from ...integrations.fairseq import user_dir
+from ...integrations.fairseq.presets import Setting, arch_name, fairseq_args
 from .data_bin import fairseq_command
-from .presets import Setting, arch_name, fairseq_args
 
 
 @dataclass
@@ -152,7 +152,7 @@ def measure_blocks(data: Path, checkpoint: Path, tokens_per_sample: int, batches
     import torch
     from fairseq import checkpoint_utils, utils
 
-    from .layer import BlockDecoderLayer
+    from ...integrations.fairseq.layer import BlockDecoderLayer
 
     logging.getLogger("fairseq").setLevel(logging.WARNING)  # the subprocesses' logs hold fairseq's chatter
     utils.import_user_module(argparse.Namespace(user_dir=user_dir()))

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..block import BlockOutput
-from ..config import FFFConfig
-from ..fff import FFF
+from ...block import BlockOutput
+from ...config import FFFConfig
+from ...fff import FFF
 
 INPUT_WIDTH = 784
 N_CLASSES = 10

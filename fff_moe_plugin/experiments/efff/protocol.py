@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..losses import usage_entropy
+from ...losses import usage_entropy
 from .datasets import SealedTestSet, SelectionData
 from .model import EFFFClassifier, Setting, classifier_config
 
