@@ -1,4 +1,7 @@
-"""sigma-MoE, PKM and the dense block against direct definitions."""
+"""sigma-MoE, PKM and the dense block against direct definitions, on each device of the ``device`` fixture
+(tests/conftest.py)."""
+
+import copy
 
 import pytest
 import torch
@@ -8,23 +11,24 @@ from fff_moe_plugin import PKM, DenseConfig, DenseFFN, PKMConfig, SigmaMoE, Sigm
 from fff_moe_plugin.ops.grouped import grouped_mlp, grouped_mlp_reference
 
 
-def test_grouped_mlp_equals_per_assignment_loop_including_empty_experts():
+def test_grouped_mlp_equals_per_assignment_loop_including_empty_experts(device):
     S, E, d, h, o, K = 30, 6, 5, 4, 3, 2
-    x = torch.randn(S, d, dtype=torch.float64)
-    token = torch.arange(S).repeat_interleave(K)
-    expert = torch.randint(0, E - 2, (S * K,))  # the last two experts get no tokens
-    gate = torch.rand(S * K, dtype=torch.float64)
-    w1, b1 = torch.randn(E, d, h, dtype=torch.float64), torch.randn(E, h, dtype=torch.float64)
-    w2, b2 = torch.randn(E, h, o, dtype=torch.float64), torch.randn(E, o, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64, device=device)
+    x = torch.randn(S, d, **f64)
+    token = torch.arange(S, device=device).repeat_interleave(K)
+    expert = torch.randint(0, E - 2, (S * K,), device=device)  # the last two experts get no tokens
+    gate = torch.rand(S * K, **f64)
+    w1, b1 = torch.randn(E, d, h, **f64), torch.randn(E, h, **f64)
+    w2, b2 = torch.randn(E, h, o, **f64), torch.randn(E, o, **f64)
     args = (x, token, expert, gate, w1, b1, w2, b2, torch.relu)
     assert torch.allclose(grouped_mlp(*args), grouped_mlp_reference(*args))
 
 
-def test_grouped_mlp_gradcheck():
+def test_grouped_mlp_gradcheck(device):
     S, E, d, h, o = 6, 3, 3, 2, 2
-    token = torch.arange(S)
-    expert = torch.tensor([0, 2, 2, 0, 2, 2])
-    tensors = [torch.randn(*s, dtype=torch.float64, requires_grad=True)
+    token = torch.arange(S, device=device)
+    expert = torch.tensor([0, 2, 2, 0, 2, 2], device=device)
+    tensors = [torch.randn(*s, dtype=torch.float64, device=device, requires_grad=True)
                for s in [(S, d), (S,), (E, d, h), (E, h), (E, h, o), (E, o)]]
 
     def f(x, gate, w1, b1, w2, b2):
@@ -42,9 +46,10 @@ def sigma_reference(layer, x):
     return torch.stack(out)
 
 
-def test_sigma_moe_equals_definition_and_entropy_loss():
-    layer = SigmaMoE(SigmaMoEConfig(d_model=8, n_experts=6, expert_size=3, top_k=2, entropy_coef=0.01)).double()
-    x = torch.randn(20, 8, dtype=torch.float64)
+def test_sigma_moe_equals_definition_and_entropy_loss(device):
+    layer = SigmaMoE(SigmaMoEConfig(d_model=8, n_experts=6, expert_size=3, top_k=2, entropy_coef=0.01))
+    layer = layer.to(device, torch.float64)
+    x = torch.randn(20, 8, dtype=torch.float64, device=device)
     out = layer.train()(x)
     assert torch.allclose(out.output, sigma_reference(layer, x))
     p_bar = torch.softmax(x @ layer.selection.t(), -1).mean(0)
@@ -54,9 +59,10 @@ def test_sigma_moe_equals_definition_and_entropy_loss():
     assert layer.eval()(x).aux_loss == 0
 
 
-def test_sigma_moe_expert_dropout_only_in_training():
-    layer = SigmaMoE(SigmaMoEConfig(d_model=8, n_experts=6, expert_size=3, top_k=2, expert_dropout=0.5)).double()
-    x = torch.randn(50, 8, dtype=torch.float64)
+def test_sigma_moe_expert_dropout_only_in_training(device):
+    layer = SigmaMoE(SigmaMoEConfig(d_model=8, n_experts=6, expert_size=3, top_k=2, expert_dropout=0.5))
+    layer = layer.to(device, torch.float64)
+    x = torch.randn(50, 8, dtype=torch.float64, device=device)
     assert torch.allclose(layer.eval()(x).output, sigma_reference(layer, x))
     assert not torch.allclose(layer.train()(x).output, sigma_reference(layer, x))
 
@@ -71,12 +77,12 @@ def test_sigma_moe_init_scales_and_equal_selector_norms():
 
 
 @pytest.mark.parametrize("act", ["relu", "softmax"])
-def test_pkm_equals_brute_force_over_all_slots(act):
+def test_pkm_equals_brute_force_over_all_slots(act, device):
     c = PKMConfig(d_model=8, n_keys=5, n_heads=2, knn=6, score_activation=act)
-    layer = PKM(c).double()
-    x = torch.randn(15, 8, dtype=torch.float64)
+    layer = PKM(c).to(device, torch.float64)
+    x = torch.randn(15, 8, dtype=torch.float64, device=device)
     q = x.view(15, 2, 4)
-    y = torch.zeros(15, 8, dtype=torch.float64)
+    y = torch.zeros(15, 8, dtype=torch.float64, device=device)
     for h in range(2):
         s1 = q[:, 0] @ layer.keys[h, 0].t()  # [S, n]
         s2 = q[:, 1] @ layer.keys[h, 1].t()
@@ -87,18 +93,18 @@ def test_pkm_equals_brute_force_over_all_slots(act):
     assert torch.allclose(layer(x).output, y)
 
 
-def test_pkm_with_knn_above_n_keys_still_exact():
-    layer = PKM(PKMConfig(d_model=4, n_keys=3, n_heads=1, knn=7)).double()
-    x = torch.randn(9, 4, dtype=torch.float64)
+def test_pkm_with_knn_above_n_keys_still_exact(device):
+    layer = PKM(PKMConfig(d_model=4, n_keys=3, n_heads=1, knn=7)).to(device, torch.float64)
+    x = torch.randn(9, 4, dtype=torch.float64, device=device)
     slot, score = layer.lookup(x)
     q = x.view(9, 2, 2)
     full = ((q[:, 0] @ layer.keys[0, 0].t())[:, :, None] + (q[:, 1] @ layer.keys[0, 1].t())[:, None, :]).reshape(9, 9)
     assert torch.allclose(score[:, 0], full.topk(7, -1).values)
 
 
-def test_dense_block_is_two_linears():
-    layer = DenseFFN(DenseConfig(d_model=6, d_ff=10, activation="gelu")).double()
-    x = torch.randn(7, 6, dtype=torch.float64)
+def test_dense_block_is_two_linears(device):
+    layer = DenseFFN(DenseConfig(d_model=6, d_ff=10, activation="gelu")).to(device, torch.float64)
+    x = torch.randn(7, 6, dtype=torch.float64, device=device)
     assert torch.allclose(layer(x).output, layer.fc2(F.gelu(layer.fc1(x))))
 
 
@@ -111,9 +117,10 @@ def test_dense_block_is_two_linears():
     ],
     ids=type,
 )
-def test_same_call_shape_and_empty_batch(block):
+def test_same_call_shape_and_empty_batch(block, device):
+    block = copy.deepcopy(block).to(device)  # the parameter's module is shared by the device cases
     for train in (True, False):
-        out = block.train(train)(torch.randn(0, 3, 8))
+        out = block.train(train)(torch.randn(0, 3, 8, device=device))
         assert out.output.shape == (0, 3, 8) and out.aux_loss.shape == () and "counts" in out.stats
     with pytest.raises(ValueError, match="d_model=8"):
-        block(torch.randn(2, 9))
+        block(torch.randn(2, 9, device=device))

@@ -1,5 +1,9 @@
 """FFFMoE and TreeGate in one process: equal to the core FFF, both gate contracts, capacity and dropping,
-the "fff_moe" JSON block's validation and the module replacement."""
+the "fff_moe" JSON block's validation and the module replacement.
+
+The layer tests take the ``device`` fixture (tests/conftest.py). One process needs no process group and no
+DeepSpeed accelerator: the MoE forward only follows its inputs' device, so the cuda cases run whatever
+``DS_ACCELERATOR`` says (it defaults to "cpu" here, which needs no GPU build of DeepSpeed's ops)."""
 
 from __future__ import annotations
 
@@ -34,14 +38,15 @@ def _cfg(**kw):
 
 @pytest.mark.parametrize("load_balance", ["leaf", "node", "none"])
 @pytest.mark.parametrize("master_leaf", [True, False])
-def test_fffmoe_equals_core_fff_in_hard_mode_when_nothing_is_dropped(load_balance, master_leaf):
+def test_fffmoe_equals_core_fff_in_hard_mode_when_nothing_is_dropped(load_balance, master_leaf, device):
     core = FFF(_cfg(load_balance=load_balance, master_leaf=master_leaf)).double()
     with torch.no_grad():
         if master_leaf:
             core.master_gate.fill_(0.7)
-    moe = FFFMoE.from_fff(core, capacity_factor=100.0, eval_capacity_factor=100.0)
-    x = torch.randn(3, 11, 8, dtype=torch.float64)
-    up = torch.randn(3, 11, 8, dtype=torch.float64)
+    moe = FFFMoE.from_fff(core, capacity_factor=100.0, eval_capacity_factor=100.0).to(device)
+    core.to(device)
+    x = torch.randn(3, 11, 8, dtype=torch.float64, device=device)
+    up = torch.randn(3, 11, 8, dtype=torch.float64, device=device)
     for training in (True, False):
         core.train(training)
         moe.train(training)
@@ -57,7 +62,7 @@ def test_fffmoe_equals_core_fff_in_hard_mode_when_nothing_is_dropped(load_balanc
     ((core(x).output * up).sum() + core(x).aux_loss).backward()
     y, l_aux, _ = moe(x)
     ((y * up).sum() + l_aux).backward()
-    back = moe.to_fff()  # same layout as the core layer, to compare gradients by name
+    back = moe.to_fff().to(device)  # same layout as the core layer, to compare gradients by name
     grads = {
         "node_weight": moe.gate.node_weight.grad, "node_bias": moe.gate.node_bias.grad,
         "leaf_w1": torch.stack([e.w1.grad for e in moe.deepspeed_moe.experts.deepspeed_experts]),
@@ -70,11 +75,12 @@ def test_fffmoe_equals_core_fff_in_hard_mode_when_nothing_is_dropped(load_balanc
 
 
 @pytest.mark.parametrize("depth", [3, 8])
-def test_fffmoe_with_region_leak_routes_as_the_core_fff_under_one_seed(depth):
+def test_fffmoe_with_region_leak_routes_as_the_core_fff_under_one_seed(depth, device):
     # both descend through tree.route, so the leak's random draws and the routing agree bit for bit
     core = FFF(_cfg(depth=depth, region_leak=0.3, master_leaf=False)).train()
-    moe = FFFMoE.from_fff(core, capacity_factor=1000.0).train()
-    x = torch.randn(200, 8)
+    moe = FFFMoE.from_fff(core, capacity_factor=1000.0).train().to(device)
+    core.to(device)
+    x = torch.randn(200, 8, device=device)
     torch.manual_seed(11)
     ref = core(x)
     torch.manual_seed(11)
@@ -106,10 +112,10 @@ def test_no_parameter_outside_the_leaves_is_named_expert():
         assert inside == (getattr(p, "allreduce", True) is False), name
 
 
-def test_sparse_and_dense_gate_contracts_give_the_same_layer_output():
-    moe = FFFMoE(_cfg(), capacity_factor=0.5, min_capacity=1)  # small capacity: some tokens are dropped
+def test_sparse_and_dense_gate_contracts_give_the_same_layer_output(device):
+    moe = FFFMoE(_cfg(), capacity_factor=0.5, min_capacity=1).to(device)  # small capacity: some tokens are dropped
     gate, experts = moe.gate, moe.deepspeed_moe.experts
-    x = torch.randn(40, 8)
+    x = torch.randn(40, 8, device=device)
     l1, C, E, idx, loc, gates, counts = gate(x, None, True)
     l2, combine, dispatch, counts2 = gate(x, None, False)
     assert torch.equal(l1, l2) and torch.equal(counts, counts2) and gate.last_record.stats["dropped"] > 0
@@ -128,44 +134,45 @@ def test_sparse_and_dense_gate_contracts_give_the_same_layer_output():
     torch.testing.assert_close(moe_out, g * sparse_out + (1 - g) * moe.master(x))
 
 
-def test_dropped_tokens_are_counted_and_only_the_residual_and_master_leaf_carry_them():
-    moe = FFFMoE(_cfg(), capacity_factor=0.25, eval_capacity_factor=0.25, min_capacity=0).eval()
-    x = torch.randn(64, 8)
+def test_dropped_tokens_are_counted_and_only_the_residual_and_master_leaf_carry_them(device):
+    moe = FFFMoE(_cfg(), capacity_factor=0.25, eval_capacity_factor=0.25, min_capacity=0).eval().to(device)
+    x = torch.randn(64, 8, device=device)
     out = moe.forward_block(x)
     counts, cap, dropped = out.stats["counts"], int(out.stats["capacity"]), int(out.stats["dropped"])
     assert cap == 2  # ceil(64 / 8 * 0.25)
     assert dropped == int((counts - cap).clamp_min(0).sum()) > 0
     # the first `cap` tokens of each leaf (in token order) are kept, the rest get no tree output
-    leaf = FFF.descend(moe.to_fff(), x)[2]
+    leaf = FFF.descend(moe.to_fff().to(device), x)[2].cpu()
     seen = torch.zeros(8, dtype=torch.long)
     kept = torch.zeros(64, dtype=torch.bool)
     for t in range(64):
         kept[t] = seen[leaf[t]] < cap
         seen[leaf[t]] += 1
+    kept = kept.to(device)
     assert int((~kept).sum()) == dropped
     g = torch.sigmoid(moe.master_gate)
     with torch.no_grad():
         master_only = (1 - g) * moe.master(x)
         torch.testing.assert_close(out.output[~kept], master_only[~kept])
-        ref = moe.to_fff()(x).output
+        ref = moe.to_fff().to(device)(x).output
         torch.testing.assert_close(out.output[kept], ref[kept])
         # in a residual block x + FFN(x) a dropped token goes on as x plus the master leaf's share
         torch.testing.assert_close((x + out.output)[~kept], (x + master_only)[~kept])
 
 
-def test_used_token_mask_routes_only_the_marked_tokens():
-    moe = FFFMoE(_cfg(master_leaf=False), capacity_factor=100.0).eval()
-    x = torch.randn(20, 8)
-    used = (torch.arange(20) % 3 != 0).float()
+def test_used_token_mask_routes_only_the_marked_tokens(device):
+    moe = FFFMoE(_cfg(master_leaf=False), capacity_factor=100.0).eval().to(device)
+    x = torch.randn(20, 8, device=device)
+    used = (torch.arange(20, device=device) % 3 != 0).float()
     y, _, counts = moe(x, used)
     assert int(counts.sum()) == int(used.sum())
     assert torch.equal(y[used == 0], torch.zeros_like(y[used == 0]))
-    torch.testing.assert_close(y[used == 1], moe.to_fff()(x).output[used == 1])
+    torch.testing.assert_close(y[used == 1], moe.to_fff().to(device)(x).output[used == 1])
 
 
-def test_dropless_capacity_is_the_largest_leaf_load():
-    moe = FFFMoE(_cfg(), drop_tokens=False)
-    out = moe.forward_block(torch.randn(50, 8))
+def test_dropless_capacity_is_the_largest_leaf_load(device):
+    moe = FFFMoE(_cfg(), drop_tokens=False).to(device)
+    out = moe.forward_block(torch.randn(50, 8, device=device))
     assert out.stats["dropped"] == 0 and out.stats["capacity"] == out.stats["counts"].max()
 
 
@@ -313,8 +320,8 @@ class _Net(nn.Module):
         return x
 
 
-def test_replacement_converts_matching_feedforward_blocks_and_reports_them():
-    model = _Net()
+def test_replacement_converts_matching_feedforward_blocks_and_reports_them(device):
+    model = _Net().to(device)
     block = DeepSpeedFFFConfig.from_dict({"depth": 2, "leaf_width": 8, "replace": "blocks.*.mlp"})
     plan = plan_replacements(model, block)
     assert [r.name for r in plan] == ["blocks.0.mlp", "blocks.1.mlp"]
@@ -322,7 +329,8 @@ def test_replacement_converts_matching_feedforward_blocks_and_reports_them():
     assert "4 leaves x 8" in plan[0].describe(block)
     apply_replacements(model, block, plan)
     assert isinstance(model.blocks[0]["mlp"], MoEFeedForward) and isinstance(model.blocks[1]["mlp"].moe, FFFMoE)
-    y = model(torch.randn(5, 8))
+    assert all(p.device.type == device for p in model.parameters())  # the new blocks land where the old ones were
+    y = model(torch.randn(5, 8, device=device))
     assert y.shape == (5, 8)
     total = aux_loss(model)
     assert torch.equal(total, model.blocks[0]["mlp"].last.aux_loss + model.blocks[1]["mlp"].last.aux_loss)
@@ -341,10 +349,10 @@ def test_replacement_refuses_modules_it_cannot_convert():
         plan_replacements(_Net(), block)
 
 
-def test_topk_router_builds_deepspeeds_own_moe_over_the_same_leaves():
+def test_topk_router_builds_deepspeeds_own_moe_over_the_same_leaves(device):
     from deepspeed.moe.layer import MoE
 
-    model = _Net()
+    model = _Net().to(device)
     block = DeepSpeedFFFConfig.from_dict({"depth": 2, "leaf_width": 8, "replace": "blocks.*.mlp", "router": "topk",
                                           "load_balance_coef": 0.1})
     apply_replacements(model, block, plan_replacements(model, block))
@@ -352,7 +360,7 @@ def test_topk_router_builds_deepspeeds_own_moe_over_the_same_leaves():
     assert type(layer) is MoE and layer.num_experts == 4
     leaves = layer.deepspeed_moe.experts.deepspeed_experts
     assert not torch.equal(leaves[0].w1, leaves[1].w1)  # each expert drawn on its own
-    model(torch.randn(16, 8))
+    model(torch.randn(16, 8, device=device))
     expected = 0.1 * (model.blocks[0]["mlp"].moe.deepspeed_moe.l_aux + model.blocks[1]["mlp"].moe.deepspeed_moe.l_aux)
     torch.testing.assert_close(aux_loss(model), expected)
 

@@ -1,4 +1,7 @@
-"""The leaf-MLP FFF layer against direct definitions and the reference package."""
+"""The leaf-MLP FFF layer against direct definitions and the reference package.
+
+The layer tests take the ``device`` fixture (tests/conftest.py): each runs on the CPU and, where one exists, on a
+CUDA device."""
 
 import copy
 
@@ -10,10 +13,14 @@ from fff_moe_plugin import FFF, FFFConfig, tree
 from fff_moe_plugin.losses import leaf_balance_loss, node_balance_loss
 
 
-def make(dtype=torch.float64, **kw):
+def make(dtype=torch.float64, device="cpu", **kw):
     values = dict(d_model=6, leaf_width=3, depth=3, d_out=5)
     values.update(kw)
-    return FFF(FFFConfig(**values)).to(dtype)
+    return FFF(FFFConfig(**values)).to(device, dtype)
+
+
+def randn(*shape, device="cpu", dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype, device=device)
 
 
 def leaf_mlp(layer, j, x):
@@ -42,114 +49,114 @@ def hard_reference(layer, x, scaled):
     return torch.stack(rows)
 
 
-def test_soft_forward_equals_per_leaf_loop():
-    layer = make().train()
-    x = torch.randn(20, 6, dtype=torch.float64)
+def test_soft_forward_equals_per_leaf_loop(device):
+    layer = make(device=device).train()
+    x = randn(20, 6, device=device)
     assert torch.allclose(layer(x).output, soft_reference(layer, x))
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
-def test_depth_zero_is_exactly_its_leaf(mode):
-    layer = make(depth=0, train_mode=mode)
-    x = torch.randn(9, 6, dtype=torch.float64)
+def test_depth_zero_is_exactly_its_leaf(mode, device):
+    layer = make(depth=0, train_mode=mode, device=device)
+    x = randn(9, 6, device=device)
     expected = leaf_mlp(layer, 0, x)
     assert torch.allclose(layer.train()(x).output, expected)
     assert torch.allclose(layer.eval()(x).output, expected)
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
-def test_tree_pointing_one_way_equals_that_leaf(mode):
-    layer = make(train_mode=mode)
+def test_tree_pointing_one_way_equals_that_leaf(mode, device):
+    layer = make(train_mode=mode, device=device)
     with torch.no_grad():
         layer.node_weight.zero_()
         layer.node_bias.fill_(-1e4)  # every node says "left": leaf 0
-    x = torch.randn(9, 6, dtype=torch.float64)
+    x = randn(9, 6, device=device)
     expected = leaf_mlp(layer, 0, x)
     assert torch.allclose(layer.train()(x).output, expected)
     assert torch.allclose(layer.eval()(x).output, expected)
 
 
 @pytest.mark.parametrize("master", [False, True])
-def test_hard_training_forward_equals_eval(master):
-    layer = make(train_mode="hard", master_leaf=master, load_balance="leaf", hardening=0.1)
-    x = torch.randn(64, 6, dtype=torch.float64)
+def test_hard_training_forward_equals_eval(master, device):
+    layer = make(train_mode="hard", master_leaf=master, load_balance="leaf", hardening=0.1, device=device)
+    x = randn(64, 6, device=device)
     assert torch.equal(layer.train()(x).output, layer.eval()(x).output)
 
 
-def test_hard_forward_equals_per_token_reference_with_path_probability():
-    layer = make(train_mode="hard").eval()
-    x = torch.randn(40, 6, dtype=torch.float64)
+def test_hard_forward_equals_per_token_reference_with_path_probability(device):
+    layer = make(train_mode="hard", device=device).eval()
+    x = randn(40, 6, device=device)
     assert torch.allclose(layer(x).output, hard_reference(layer, x, scaled=True))
 
 
-def test_soft_tree_eval_runs_its_leaf_unscaled():
-    layer = make(train_mode="soft").eval()
-    x = torch.randn(40, 6, dtype=torch.float64)
+def test_soft_tree_eval_runs_its_leaf_unscaled(device):
+    layer = make(train_mode="soft", device=device).eval()
+    x = randn(40, 6, device=device)
     assert torch.allclose(layer(x).output, hard_reference(layer, x, scaled=False))
 
 
-def test_hard_mode_nodes_receive_gradients():
-    layer = make(train_mode="hard").train()
-    layer(torch.randn(32, 6, dtype=torch.float64)).output.pow(2).sum().backward()
+def test_hard_mode_nodes_receive_gradients(device):
+    layer = make(train_mode="hard", device=device).train()
+    layer(randn(32, 6, device=device)).output.pow(2).sum().backward()
     assert layer.node_weight.grad.abs().sum() > 0 and layer.node_bias.grad.abs().sum() > 0
 
 
-def test_master_leaf_blends_with_learned_gate():
-    layer = make(master_leaf=True, master_leaf_width=4).eval()
+def test_master_leaf_blends_with_learned_gate(device):
+    layer = make(master_leaf=True, master_leaf_width=4, device=device).eval()
     plain = copy.deepcopy(layer)
     plain.config = FFFConfig.from_dict({**layer.config.to_dict(), "master_leaf": False, "master_leaf_width": None})
     with torch.no_grad():
         layer.master_gate.fill_(0.7)
-    x = torch.randn(11, 6, dtype=torch.float64)
+    x = randn(11, 6, device=device)
     m = layer.act(x @ layer.master_w1 + layer.master_b1) @ layer.master_w2 + layer.master_b2
-    g = torch.sigmoid(torch.tensor(0.7, dtype=torch.float64))
+    g = torch.sigmoid(torch.tensor(0.7, dtype=torch.float64, device=device))
     expected = g * plain(x).output + (1 - g) * m
     out = layer(x)
     assert torch.allclose(out.output, expected)
     assert torch.allclose(out.stats["master_gate"], g.float())
 
 
-def test_region_leak_one_equals_mirrored_tree():
-    leaky = make(region_leak=1.0).train()
+def test_region_leak_one_equals_mirrored_tree(device):
+    leaky = make(region_leak=1.0, device=device).train()
     mirrored = copy.deepcopy(leaky)
     mirrored.config = FFFConfig.from_dict({**leaky.config.to_dict(), "region_leak": 0.0})
     with torch.no_grad():
         mirrored.node_weight.neg_()
         mirrored.node_bias.neg_()
-    x = torch.randn(13, 6, dtype=torch.float64)
+    x = randn(13, 6, device=device)
     assert torch.allclose(leaky(x).output, mirrored(x).output)
 
 
-def test_region_leak_and_dropout_are_off_in_eval():
-    layer = make(region_leak=0.5, leaf_dropout=0.5, train_mode="hard")
+def test_region_leak_and_dropout_are_off_in_eval(device):
+    layer = make(region_leak=0.5, leaf_dropout=0.5, train_mode="hard", device=device)
     clean = copy.deepcopy(layer)
     clean.config = FFFConfig.from_dict({**layer.config.to_dict(), "region_leak": 0.0, "leaf_dropout": 0.0})
-    x = torch.randn(30, 6, dtype=torch.float64)
+    x = randn(30, 6, device=device)
     assert torch.equal(layer.eval()(x).output, clean.eval()(x).output)
 
 
-def test_aux_loss_is_weighted_sum_and_zero_in_eval():
-    layer = make(hardening=0.3, load_balance="leaf", load_balance_coef=0.05).train()
-    out = layer(torch.randn(25, 6, dtype=torch.float64))
+def test_aux_loss_is_weighted_sum_and_zero_in_eval(device):
+    layer = make(hardening=0.3, load_balance="leaf", load_balance_coef=0.05, device=device).train()
+    out = layer(randn(25, 6, device=device))
     expected = 0.3 * out.losses["hardening"] + 0.05 * out.losses["load_balance"]
     assert torch.allclose(out.aux_loss, expected)
     assert out.aux_loss > 0
-    ev = layer.eval()(torch.randn(25, 6, dtype=torch.float64))
+    ev = layer.eval()(randn(25, 6, device=device))
     assert ev.aux_loss == 0 and set(ev.losses) == set(out.losses) and set(ev.stats) == set(out.stats)
 
 
-def test_hardening_equals_mean_entropy_of_all_nodes_in_soft_mode():
-    layer = make(hardening=1.0).train()
-    x = torch.randn(25, 6, dtype=torch.float64)
+def test_hardening_equals_mean_entropy_of_all_nodes_in_soft_mode(device):
+    layer = make(hardening=1.0, device=device).train()
+    x = randn(25, 6, device=device)
     p = torch.sigmoid(layer.node_logits(x))
     entropy = -(p * p.log() + (1 - p) * (1 - p).log())
     assert torch.allclose(layer(x).losses["hardening"], entropy.mean().float())
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
-def test_leaf_balance_loss_in_layer_matches_definition(mode):
-    layer = make(train_mode=mode, load_balance="leaf").train()
-    x = torch.randn(40, 6, dtype=torch.float64)
+def test_leaf_balance_loss_in_layer_matches_definition(mode, device):
+    layer = make(train_mode=mode, load_balance="leaf", device=device).train()
+    x = randn(40, 6, device=device)
     out = layer(x)
     probs = tree.leaf_probs(layer.node_logits(x), 3)
     leaf = tree.descend(x, layer.node_weight, layer.node_bias, 3)[2] - 7
@@ -185,18 +192,18 @@ def test_node_balance_loss_is_one_at_balance_and_larger_otherwise():
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
-def test_node_balance_gradient_reaches_nodes(mode):
-    layer = make(train_mode=mode, load_balance="node", load_balance_coef=1.0).train()
-    layer(torch.randn(40, 6, dtype=torch.float64)).aux_loss.backward()
+def test_node_balance_gradient_reaches_nodes(mode, device):
+    layer = make(train_mode=mode, load_balance="node", load_balance_coef=1.0, device=device).train()
+    layer(randn(40, 6, device=device)).aux_loss.backward()
     assert layer.node_weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["soft", "hard"])
-def test_dtypes(dtype, mode):
-    ref = make(torch.float64, train_mode=mode, master_leaf=True, load_balance="leaf")
+def test_dtypes(dtype, mode, device):
+    ref = make(torch.float64, train_mode=mode, master_leaf=True, load_balance="leaf", device=device)
     layer = copy.deepcopy(ref).to(dtype)
-    x = torch.randn(16, 6, dtype=torch.float64)
+    x = randn(16, 6, device=device)
     for train in (True, False):
         out = layer.train(train)(x.to(dtype))
         assert out.output.dtype == dtype and out.aux_loss.dtype == torch.float32
@@ -208,18 +215,18 @@ def test_dtypes(dtype, mode):
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
-def test_zero_token_batch_returns_empty_output(mode):
-    layer = make(train_mode=mode, load_balance="leaf", hardening=0.1, master_leaf=True)
+def test_zero_token_batch_returns_empty_output(mode, device):
+    layer = make(train_mode=mode, load_balance="leaf", hardening=0.1, master_leaf=True, device=device)
     for train in (True, False):
-        out = layer.train(train)(torch.randn(0, 4, 6, dtype=torch.float64))
+        out = layer.train(train)(randn(0, 4, 6, device=device))
         assert out.output.shape == (0, 4, 5)
         assert out.aux_loss == 0 and out.stats["counts"].sum() == 0
-    layer.train()(torch.randn(0, 6, dtype=torch.float64)).output.sum().backward()
+    layer.train()(randn(0, 6, device=device)).output.sum().backward()
 
 
-def test_leading_dimensions_are_kept():
-    layer = make().eval()
-    x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+def test_leading_dimensions_are_kept(device):
+    layer = make(device=device).eval()
+    x = randn(2, 3, 4, 6, device=device)
     assert torch.equal(layer(x).output, layer(x.reshape(-1, 6)).output.reshape(2, 3, 4, 5))
 
 
@@ -230,23 +237,26 @@ def test_wrong_feature_width_raises_clear_error():
         make()(torch.randn(4, 6, dtype=torch.float32))
 
 
-def test_state_dict_round_trip_gives_identical_outputs():
-    layer = make(master_leaf=True, train_mode="hard").eval()
-    other = FFF(layer.config).to(torch.float64).eval()
-    x = torch.randn(30, 6, dtype=torch.float64)
+def test_state_dict_round_trip_gives_identical_outputs(device):
+    layer = make(master_leaf=True, train_mode="hard", device=device).eval()
+    other = FFF(layer.config).to(device, torch.float64).eval()
+    x = randn(30, 6, device=device)
     assert not torch.equal(layer(x).output, other(x).output)
     other.load_state_dict(layer.state_dict())
     assert torch.equal(layer(x).output, other(x).output)
 
 
-# -- the reference package, fastfeedforward 0.2.1 ---------------------------------------------------------
-fastfeedforward = pytest.importorskip(
-    "fastfeedforward", reason="reference tests need fastfeedforward: pip install fastfeedforward==0.2.1"
-)
+# -- the reference package, fastfeedforward 0.2.1 (CPU) ---------------------------------------------------
+@pytest.fixture
+def fastfeedforward():
+    """The reference package; each test that needs it skips without it (the tests above run either way)."""
+    return pytest.importorskip(
+        "fastfeedforward", reason="reference tests need fastfeedforward: pip install fastfeedforward==0.2.1"
+    )
 
 
 @pytest.mark.parametrize("depth", [1, 3, 4])
-def test_soft_forward_equals_fastfeedforward_training_forward(depth):
+def test_soft_forward_equals_fastfeedforward_training_forward(depth, fastfeedforward):
     ref = fastfeedforward.FFF(6, 3, 5, depth, activation=torch.nn.GELU()).train()
     layer = FFF.from_fastfeedforward(ref).train()
     assert layer.config.activation == "gelu"
@@ -257,7 +267,7 @@ def test_soft_forward_equals_fastfeedforward_training_forward(depth):
     assert torch.allclose(out.losses["hardening"], entropies.mean(), atol=1e-5)
 
 
-def test_eval_equals_fastfeedforward_eval_plus_output_bias():
+def test_eval_equals_fastfeedforward_eval_plus_output_bias(fastfeedforward):
     ref = fastfeedforward.FFF(6, 3, 5, 3).eval()
     layer = FFF.from_fastfeedforward(ref).eval()
     x = torch.randn(33, 6)
@@ -266,7 +276,7 @@ def test_eval_equals_fastfeedforward_eval_plus_output_bias():
     assert torch.allclose(layer(x).output, ref(x) + ref.b2s[leaf], atol=1e-6)
 
 
-def test_round_trip_through_fastfeedforward():
+def test_round_trip_through_fastfeedforward(fastfeedforward):
     layer = make(torch.float32, activation="tanh")
     back = FFF.from_fastfeedforward(layer.to_fastfeedforward())
     x = torch.randn(10, 6)

@@ -1,6 +1,6 @@
 """The grouped-expert primitive: grouped_mm where it applies, the per-expert loop elsewhere; both equal the
 one-assignment-at-a-time reference in outputs and gradients, and the grouped path compiles without a graph
-break."""
+break. Each test runs on every device of the ``device`` fixture (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import torch.nn.functional as F
 
 from fff_moe_plugin.ops import grouped
 from fff_moe_plugin.ops.grouped import grouped_mlp, grouped_mlp_loop, grouped_mlp_reference
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _problem(S, E, d, h, o, dtype, device, token_expert="random", k=1, bias=True, gate=True):
@@ -53,7 +51,6 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_grouped_equals_reference_outputs_and_gradients(device, dtype, tol, case):
@@ -76,7 +73,6 @@ def test_grouped_equals_reference_outputs_and_gradients(device, dtype, tol, case
         torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol * max(1.0, r.abs().max().item()))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_a_broadcast_gradient_is_accepted(device):
     # y.sum().backward() hands grouped_mm's backward a stride-0 gradient, which its kernels refuse
     args = _problem(S=16, E=4, d=8, h=8, o=8, dtype=torch.float32, device=device)
@@ -89,10 +85,11 @@ def test_a_broadcast_gradient_is_accepted(device):
         torch.testing.assert_close(t.grad, r.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_loop_and_grouped_paths_agree_and_the_switch_forces_the_loop(monkeypatch):
-    args = _problem(S=50, E=8, d=16, h=8, o=8, dtype=torch.float32, device="cpu")
+def test_loop_and_grouped_paths_agree_and_the_switch_forces_the_loop(monkeypatch, device):
+    args = _problem(S=50, E=8, d=16, h=8, o=8, dtype=torch.float32, device=device)
     x, token, expert, gate, w1, b1, w2, b2 = args
     a = grouped_mlp(*args, F.silu)
+    assert grouped.last_path == "grouped"
     b = grouped_mlp_loop(*args, F.silu)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     monkeypatch.setenv("FFF_MOE_NO_GROUPED_MM", "1")
@@ -101,8 +98,8 @@ def test_loop_and_grouped_paths_agree_and_the_switch_forces_the_loop(monkeypatch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_path_compiles_without_graph_break_and_equals_eager(dtype):
-    args = _problem(S=32, E=8, d=16, h=8, o=8, dtype=dtype, device="cpu")
+def test_grouped_path_compiles_without_graph_break_and_equals_eager(dtype, device):
+    args = _problem(S=32, E=8, d=16, h=8, o=8, dtype=dtype, device=device)
     x, token, expert, gate, w1, b1, w2, b2 = args
 
     def step(x, gate, w1, b1, w2, b2):
@@ -123,8 +120,8 @@ def test_grouped_path_compiles_without_graph_break_and_equals_eager(dtype):
         torch.testing.assert_close(gc, ge)
 
 
-def test_float64_compiles_without_host_reads_through_the_masked_path():
-    args = _problem(S=30, E=4, d=6, h=5, o=3, dtype=torch.float64, device="cpu", k=2)
+def test_float64_compiles_without_host_reads_through_the_masked_path(device):
+    args = _problem(S=30, E=4, d=6, h=5, o=3, dtype=torch.float64, device=device, k=2)
     x, token, expert, gate, w1, b1, w2, b2 = args
 
     def step(x, gate, w1, b1, w2, b2):

@@ -4,8 +4,10 @@ Shared by the FFF hard path (one leaf per token) and sigma-MoE (top-K experts pe
 sorted by expert once; each of the two layers of the experts is then one grouped matrix product over all
 experts (``torch.nn.functional.grouped_mm``, the kernel torchtitan and DeepSpeed's AutoEP compute experts
 with), and the outputs are summed back to their tokens with one ``index_add``. The cost is that of the
-selected experts only; it is differentiable with respect to inputs, weights and gates; and it never reads a
-tensor's values on the host, so it needs no device synchronisation and ``torch.compile`` captures it whole.
+selected experts only; it is differentiable with respect to inputs, weights and gates; and this code never reads
+a tensor's values on the host, so ``torch.compile`` captures it whole. (On CUDA, torch fuses grouped_mm for
+bfloat16 on sm90 and newer; other dtypes and GPUs run torch's own fallback, which copies the group offsets to the
+host once per call.)
 
 ``grouped_mm`` is used where it is supported and correct: float32, bfloat16 and float16, rows whose byte
 widths are multiples of 16 (narrower or odd widths are zero-padded to that), on a device where a probe call
@@ -32,7 +34,7 @@ from torch import Tensor
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ALIGN_BYTES = 16  # grouped_mm asks every stride to be a multiple of 16 bytes
-_probed: dict[tuple[str, torch.dtype], bool] = {}
+_probed: dict[tuple[str, torch.dtype], bool] = {}  # (device, dtype) -> grouped_mm runs and is right
 
 # which implementation the last call of grouped_mlp took ("grouped", "loop" or "masked"), for tests and benchmarks
 last_path: Optional[str] = None
@@ -91,7 +93,10 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     for a dtype that the CPU has). ``FFF_MOE_NO_GROUPED_MM=1`` turns it off everywhere."""
     if _GROUPED_MM is None or dtype not in _GROUPED_DTYPES or os.environ.get("FFF_MOE_NO_GROUPED_MM"):
         return False
-    key = (torch.device(device).type, dtype)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (str(device), dtype)  # per device: a machine may hold GPUs of several kinds
     if key not in _probed and torch.compiler.is_compiling():
         # no probe call inside a traced graph: trust the dtype check (torch falls back to a per-group loop on
         # CUDA devices without a fused kernel); an eager call before compiling probes for real
