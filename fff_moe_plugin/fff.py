@@ -103,9 +103,8 @@ class FFF(FeedForwardBlock):
 
     def leaves(self, x: Tensor, leaf: Tensor, gate: Tensor) -> Tensor:
         """Run each token's leaf, scaled by ``gate``: [S, d], [S], [S] -> [S, o]."""
-        token = torch.arange(x.shape[0], device=x.device)
         return grouped_mlp(
-            x, token, leaf, gate, self.leaf_w1, self.leaf_b1, self.leaf_w2, self.leaf_b2,
+            x, None, leaf, gate, self.leaf_w1, self.leaf_b1, self.leaf_w2, self.leaf_b2,
             self.act, self.config.leaf_dropout, self.training,
         )
 

@@ -138,3 +138,16 @@ def test_float64_compiles_without_host_reads_through_the_masked_path(device):
                               params)
     for a, b in zip(grads_c, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_assignment_per_token_equals_the_general_form(device, dtype):
+    # token None (the tree's case) permutes rows instead of scattering: same outputs and gradients
+    args = _problem(S=37, E=8, d=16, h=8, o=12, dtype=dtype, device=device)
+    x, token, expert, gate, w1, b1, w2, b2 = args
+    upstream = lambda out: torch.linspace(-1, 1, out.numel(), device=device, dtype=out.dtype).view_as(out)  # noqa: E731
+    general, g_general = _grads(grouped_mlp, args, upstream)
+    permuted, g_permuted = _grads(grouped_mlp, (x, None, expert, gate, w1, b1, w2, b2), upstream)
+    torch.testing.assert_close(permuted, general)
+    for a, b in zip(g_permuted, g_general):
+        torch.testing.assert_close(a, b)

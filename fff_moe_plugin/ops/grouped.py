@@ -114,7 +114,7 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 def grouped_mlp(
     x: Tensor,
-    token: Tensor,
+    token: Tensor | None,
     expert: Tensor,
     gate: Tensor | None,
     w1: Tensor,
@@ -128,7 +128,8 @@ def grouped_mlp(
     """``out[t] = sum over assignments a with token[a] = t of gate[a] * MLP_{expert[a]}(x[t])``.
 
     x: [S, d]; token, expert: [A] long; gate: [A] or None (all ones); w1: [E, d, h]; b1: [E, h];
-    w2: [E, h, o]; b2: [E, o].  Returns [S, o]; tokens without an assignment get zeros.
+    w2: [E, h, o]; b2: [E, o].  Returns [S, o]; tokens without an assignment get zeros. ``token`` None means
+    ``arange(S)``: one assignment per token, in token order (the FFF tree), which saves a scatter each way.
     """
     global last_path
     if torch.is_autocast_enabled(x.device.type):
@@ -139,6 +140,8 @@ def grouped_mlp(
         b1 = b1.to(dt) if b1 is not None else None
         b2 = b2.to(dt) if b2 is not None else None
     if not (x.dtype == w1.dtype == w2.dtype and grouped_mm_available(x.device, x.dtype)):
+        if token is None:
+            token = torch.arange(x.shape[0], device=x.device)
         if torch.compiler.is_compiling():
             # no host reads inside a graph: every expert on every row, each row keeping its own expert's result
             last_path = "masked"
@@ -152,20 +155,47 @@ def grouped_mlp(
     xp, w1p = _pad_to(x, -1, multiple), _pad_to(_pad_to(w1, 1, multiple), 2, multiple)  # [S, d'], [E, d', h']
     w2p = _pad_to(_pad_to(w2, 1, multiple), 2, multiple)  # [E, h', o']
     order = torch.argsort(expert, stable=True)  # [A]
-    e_sorted, t_sorted = expert[order], token[order]  # [A]
+    e_sorted = expert[order]  # [A]
     # group sizes as a device tensor (scatter_add keeps the shape static, unlike bincount)
     counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add(0, expert, torch.ones_like(expert))
     offs = counts.cumsum(0).to(torch.int32)  # [E]: the last offset is A, so every row belongs to a group
-    h = _grouped_mm(xp.index_select(0, t_sorted), w1p, offs)  # [A, h']
+    if token is None:  # one assignment per token: sorting is a permutation, undone by its inverse
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+        xs = _PermuteRows.apply(xp, order, inverse)  # [A, d']
+    else:
+        t_sorted = token[order]
+        xs = xp.index_select(0, t_sorted)
+    h = _grouped_mm(xs, w1p, offs)  # [A, h']
     if b1 is not None:
         h = h + _pad_to(b1, 1, multiple).index_select(0, e_sorted)
     h = F.dropout(act(h), dropout, training)
-    y = _grouped_mm(h, w2p, offs)[:, :o]  # [A, o]
+    g = gate[order, None].to(h.dtype) if gate is not None else None  # [A, 1]
+    # gate * (h W2 + b2) = (gate * h) W2 + gate * b2: scaling the narrow hidden row costs less than the output row
+    y = _grouped_mm(h * g if g is not None else h, w2p, offs)[:, :o]  # [A, o]
     if b2 is not None:
-        y = y + b2.index_select(0, e_sorted)
-    if gate is not None:
-        y = y * gate[order, None].to(y.dtype)
+        b2_rows = b2.index_select(0, e_sorted)
+        y = y.addcmul(b2_rows, g) if g is not None else y + b2_rows
+    if token is None:
+        return _PermuteRows.apply(y, inverse, order)  # [S, o]
     return x.new_zeros(S, o).index_add(0, t_sorted, y)  # [S, o]
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x[index]`` for a permutation ``index`` whose inverse is ``inverse``: the gradient is ``grad[inverse]``,
+    one gather, where ``index_select``'s would zero a tensor and scatter-add into it."""
+
+    @staticmethod
+    def forward(x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        return x.index_select(0, index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 def grouped_mlp_loop(
