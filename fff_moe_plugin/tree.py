@@ -40,8 +40,11 @@ def decision_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     way and makes the path probabilities coarse. Float64 stays float64.
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
+    x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    if not torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, weight, bias)
     with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+        return F.linear(x, weight, bias)
 
 
 def leaf_log_probs(logits: Tensor, depth: int) -> Tensor:

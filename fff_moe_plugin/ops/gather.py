@@ -14,13 +14,20 @@ import torch
 from torch import Tensor
 
 
-@torch.library.custom_op("fff_moe_gather::take_along", mutates_args=())
 def take_along(src: Tensor, index: Tensor) -> Tensor:
-    """``src.gather(1, index)``: src [S, N], index [S, K] long -> [S, K]."""
+    """``src.gather(1, index)``: src [S, N], index [S, K] long -> [S, K]. Eagerly the plain ``gather`` (a custom
+    op's dispatch costs more than the gather itself); inside ``torch.compile`` the custom op."""
+    if torch.compiler.is_compiling():
+        return _take_along(src, index)
     return src.gather(1, index)
 
 
-@take_along.register_fake
+@torch.library.custom_op("fff_moe_gather::take_along", mutates_args=())
+def _take_along(src: Tensor, index: Tensor) -> Tensor:
+    return src.gather(1, index)
+
+
+@_take_along.register_fake
 def _(src, index):
     return src.new_empty(index.shape)
 
@@ -47,4 +54,4 @@ def _backward(ctx, grad: Tensor):
     return put_along(grad.contiguous(), index, ctx.n), None
 
 
-take_along.register_autograd(_backward, setup_context=_setup)
+_take_along.register_autograd(_backward, setup_context=_setup)

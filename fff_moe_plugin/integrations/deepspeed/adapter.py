@@ -8,12 +8,14 @@ last call in ``.last`` (the same per-call pattern as DeepSpeed's own ``MOELayer.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
 from ...block import BlockOutput
+from .gate import LazyStats
 
 
 class MoEFeedForward(nn.Module):
@@ -22,7 +24,8 @@ class MoEFeedForward(nn.Module):
 
     ``forward(x [..., d]) -> [..., d]``. After each call ``self.last`` is the layer's BlockOutput; its
     ``aux_loss`` is what the training loss must add: FFFMoE's ``l_aux`` as is (already weighted), a plain
-    DeepSpeed MoE's ``l_aux`` times ``aux_coef``.
+    DeepSpeed MoE's ``l_aux`` times ``aux_coef``. Its ``stats`` of FFFMoE and of a plain DeepSpeed MoE are
+    computed when first read (:class:`~.gate.LazyStats`).
     """
 
     def __init__(self, layer: nn.Module, aux_coef: float = 1.0) -> None:
@@ -37,9 +40,8 @@ class MoEFeedForward(nn.Module):
         elif isinstance(self.moe, MoE):
             y, l_aux, counts = self.moe(x)
             l_aux = l_aux.float()
-            counts = counts.detach().float()
             out = BlockOutput(y, self.aux_coef * l_aux, {"load_balance": l_aux},
-                              {"counts": counts, "unused_leaves": (counts == 0).sum().float()})
+                              LazyStats(functools.partial(_expert_stats, counts.detach())))
         else:
             out = self.moe(x)
             if not isinstance(out, BlockOutput):
@@ -49,3 +51,9 @@ class MoEFeedForward(nn.Module):
 
     def extra_repr(self) -> str:
         return f"aux_coef={self.aux_coef}"
+
+
+def _expert_stats(counts: Tensor) -> dict[str, Tensor]:
+    """A DeepSpeed MoE's statistics: tokens per expert before capacity and the experts that got none."""
+    counts = counts.float()
+    return {"counts": counts, "unused_leaves": (counts == 0).sum().float()}

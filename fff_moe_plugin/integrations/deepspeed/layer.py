@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -12,7 +15,7 @@ from torch import Tensor, nn
 from ...block import BlockOutput
 from ...config import FFFConfig
 from ...fff import FFF
-from .gate import TreeGate
+from .gate import LazyStats, TreeGate
 from .leaf import FFFLeaf
 
 
@@ -109,12 +112,13 @@ class FFFMoE(MoE):
         return out, self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts
 
     def forward_block(self, x: Tensor, used_token: Optional[Tensor] = None) -> BlockOutput:
-        """The same forward in the package's call shape: ``BlockOutput(output, aux_loss, losses, stats)``."""
+        """The same forward in the package's call shape: ``BlockOutput(output, aux_loss, losses, stats)``;
+        ``stats`` is a read-only mapping, computed when first read (:class:`~.gate.LazyStats`)."""
         out, l_aux, _ = self.forward(x, used_token)
         record = self.gate.last_record
-        stats = dict(record.stats)
-        stats["master_gate"] = (torch.sigmoid(self.master_gate.detach().float())[0] if self.config.master_leaf
-                                else torch.ones((), device=out.device))
+        # the blend weight now (the parameter changes at the next step); the rest is computed when first read
+        share = torch.sigmoid(self.master_gate.detach().float())[0] if self.config.master_leaf else None
+        stats = LazyStats(functools.partial(_block_stats, record.stats, share, out.device))
         return BlockOutput(out, l_aux.float(), dict(record.losses), stats)
 
     def _blend(self, x: Tensor, tree_out: Tensor) -> Tensor:
@@ -132,7 +136,8 @@ class FFFMoE(MoE):
         if not isinstance(fff, FFF):
             raise TypeError(f"from_fff takes a fff_moe_plugin.FFF, got {type(fff).__name__}")
         layer = cls(fff.config, ep_size, capacity_factor, eval_capacity_factor, min_capacity, drop_tokens)
-        layer.to(fff.node_weight.dtype).load_fff(fff)  # cast first: a float64 tree is copied exactly
+        # on the tree's device and dtype first: a float64 tree is copied exactly, a CUDA tree stays on its GPU
+        layer.to(device=fff.node_weight.device, dtype=fff.node_weight.dtype).load_fff(fff)
         return layer.train(fff.training)
 
     @torch.no_grad()
@@ -170,8 +175,8 @@ class FFFMoE(MoE):
     def to_fff(self) -> FFF:
         """The core FFF with this layer's weights; with ``ep_size > 1`` the leaves are gathered over the
         expert-parallel group (a collective: call it on every rank of the group)."""
-        dtype = self.gate.node_weight.dtype
-        fff = FFF(self.config).to(dtype)
+        w = self.gate.node_weight
+        fff = FFF(self.config).to(device=w.device, dtype=w.dtype)
         for mine, theirs in self._shared_pairs(fff):
             theirs.copy_(mine.reshape(theirs.shape))
         names = ["w1", "b1", "w2", "b2"] if self.config.bias else ["w1", "w2"]
@@ -184,6 +189,13 @@ class FFFMoE(MoE):
                 local = torch.cat(parts)
             getattr(fff, f"leaf_{name}").copy_(local)
         return fff.train(self.training)
+
+
+def _block_stats(stats: Mapping[str, Tensor], master_share: Optional[Tensor],
+                 device: torch.device) -> dict[str, Tensor]:
+    """The gate's statistics plus ``master_gate``, the tree's share of the output (1 without a master leaf)."""
+    share = master_share if master_share is not None else torch.ones((), device=device)
+    return {**stats, "master_gate": share}
 
 
 def _check_arguments(config, ep_size, capacity_factor, eval_capacity_factor, min_capacity, drop_tokens) -> None:
@@ -201,8 +213,8 @@ def _check_arguments(config, ep_size, capacity_factor, eval_capacity_factor, min
         raise ValueError(f"FFFMoE: ep_size = {ep_size!r} is not allowed: must be an integer >= 1 dividing the "
                          f"{config.n_leaves} leaves")
     for name, v in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise ValueError(f"FFFMoE: {name} = {v!r} is not allowed: must be a number > 0")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not v > 0:
+            raise ValueError(f"FFFMoE: {name} = {v!r} is not allowed: must be a finite number > 0")
     if isinstance(min_capacity, bool) or not isinstance(min_capacity, int) or min_capacity < 0:
         raise ValueError(f"FFFMoE: min_capacity = {min_capacity!r} is not allowed: must be an integer >= 0")
     if not isinstance(drop_tokens, bool):
