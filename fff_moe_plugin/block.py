@@ -8,6 +8,7 @@ this to treat all blocks alike.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -24,14 +25,15 @@ class BlockOutput(NamedTuple):
     aux_loss: float32 scalar, the block's auxiliary losses already weighted by the config's coefficients;
               the caller adds it to the training loss (zero in eval).
     losses:   the unweighted loss terms (float32 scalars), fixed keys per block, zeros in eval.
-    stats:    detached routing statistics; ``stats["counts"]`` is always the number of tokens that each
+    stats:    detached routing statistics, a read-only mapping (a dict for the core blocks; DeepSpeed's FFFMoE
+              computes its entries when first read); ``stats["counts"]`` is always the number of tokens that each
               expert / leaf / memory slot received in this call (float32 [E]).
     """
 
     output: Tensor
     aux_loss: Tensor
     losses: dict[str, Tensor]
-    stats: dict[str, Tensor]
+    stats: Mapping[str, Tensor]
 
 
 class FeedForwardBlock(nn.Module):

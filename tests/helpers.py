@@ -3,6 +3,7 @@ ranks started as separate processes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -73,3 +74,34 @@ def assert_same_state(actual: dict, expected: dict, **tolerance) -> None:
             torch.testing.assert_close(actual[key], value, msg=key, **tolerance)
         else:
             assert actual[key] == value, key
+
+
+def why_no_kernels() -> str | None:
+    """Why the compiled CPU kernels cannot run here (switched off, or no compiler or ninja), else None. With the
+    toolchain present a failing build fails the kernel tests instead of skipping them."""
+    from fff_moe_plugin.ops import extension
+
+    if extension.disabled():
+        return f"{extension.DISABLE_ENV} is set: the compiled kernels are switched off"
+    missing = extension._toolchain_missing()
+    return f"the compiled kernels cannot be built here: {missing}" if missing else None
+
+
+@contextlib.contextmanager
+def kernel_calls():
+    """Record the names of the compiled kernels run inside the block: every kernel call goes through
+    ``inference._kernel``, and a function that declines the kernels runs its torch reference and records nothing."""
+    from fff_moe_plugin.ops import inference
+
+    calls: list[str] = []
+    original = inference._kernel
+
+    def counting(name):
+        calls.append(name)
+        return original(name)
+
+    inference._kernel = counting
+    try:
+        yield calls
+    finally:
+        inference._kernel = original

@@ -7,45 +7,17 @@ rounding. The CUDA tests carry "cuda" in their names (``pytest -k cuda`` selects
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
+from helpers import kernel_calls, why_no_kernels
 
 from fff_moe_plugin import FFF, FFFConfig
-from fff_moe_plugin.ops import extension, grouped, inference
+from fff_moe_plugin.ops import grouped, inference
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="needs a CUDA device (torch.cuda.is_available() is False); benchmarks/gpu_check.sh runs these on a GPU",
 )
-
-
-@contextlib.contextmanager
-def kernel_calls():
-    """Record the names of the compiled kernels run inside the block: every kernel call goes through
-    ``inference._kernel``, and a function that declines the kernels runs its torch reference and records nothing."""
-    calls: list[str] = []
-    original = inference._kernel
-
-    def counting(name):
-        calls.append(name)
-        return original(name)
-
-    inference._kernel = counting
-    try:
-        yield calls
-    finally:
-        inference._kernel = original
-
-
-def _why_no_kernels() -> str | None:
-    """Why the compiled kernels cannot run here (switched off, or no compiler or ninja), else None. With the
-    toolchain present a failing build fails the kernel test instead of skipping it."""
-    if extension.disabled():
-        return f"{extension.DISABLE_ENV} is set: the compiled kernels are switched off"
-    missing = extension._toolchain_missing()
-    return f"the compiled kernels cannot be built here: {missing}" if missing else None
 
 
 def make(dtype=torch.float32, **kw) -> FFF:
@@ -67,7 +39,7 @@ def away_from_boundaries(layer: FFF, x: torch.Tensor, margin: float = 1e-3) -> t
 
 # -- CPU: the compiled kernels -------------------------------------------------------------------------------
 def test_cpu_eval_of_a_frozen_fff_runs_the_compiled_kernels():
-    reason = _why_no_kernels()
+    reason = why_no_kernels()
     if reason is not None:
         pytest.skip(reason)
     layer = make().eval().requires_grad_(False)

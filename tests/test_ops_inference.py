@@ -1,27 +1,17 @@
 """The compiled inference kernels against their plain-torch references, and the layers that use them."""
 
-import contextlib
 import warnings
 
 import pytest
 import torch
+from helpers import kernel_calls, why_no_kernels
 
 from fff_moe_plugin import FFF, FFFConfig, UltraFastConfig, UltraFastFFF
 from fff_moe_plugin.ops import extension
 from fff_moe_plugin.ops import inference as inf
 from fff_moe_plugin.ops.fast_eval import FastFFF, FastUltraFastFFF, to_fast_eval
 
-
-def _why_no_kernels():
-    """Why the kernels cannot be built here (no compiler or ninja, or the extension switched off), else None.
-    With the toolchain present a failing build is a failure of these tests, not a reason to skip them."""
-    if extension.disabled():
-        return f"{extension.DISABLE_ENV} is set: the compiled kernels are switched off"
-    missing = extension._toolchain_missing()
-    return f"the compiled kernels cannot be built: {missing}" if missing else None
-
-
-_NO_KERNELS = _why_no_kernels()
+_NO_KERNELS = why_no_kernels()
 pytestmark = pytest.mark.skipif(_NO_KERNELS is not None, reason=_NO_KERNELS or "")
 
 
@@ -49,24 +39,6 @@ D, LW, O = 37, 19, 70  # widths that exercise full vector tiles and scalar tails
 
 def tol(dtype):
     return dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
-
-
-@contextlib.contextmanager
-def kernel_calls():
-    """Record the names of the compiled kernels run inside the block (every kernel call goes through
-    ``inference._kernel``; a function that declines the kernels runs its reference and records nothing)."""
-    calls = []
-    original = inf._kernel
-
-    def counting(name):
-        calls.append(name)
-        return original(name)
-
-    inf._kernel = counting
-    try:
-        yield calls
-    finally:
-        inf._kernel = original
 
 
 def kernel(fn, *args):

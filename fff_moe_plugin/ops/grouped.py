@@ -198,6 +198,16 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
+def _expert(xe: Tensor, e: int, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+            act: Callable[[Tensor], Tensor], dropout: float, training: bool) -> Tensor:
+    """Expert ``e``'s MLP on rows ``xe`` [n, d] -> [n, o] (the loop and masked paths)."""
+    h = xe @ w1[e]
+    if b1 is not None:
+        h = h + b1[e]
+    ye = F.dropout(act(h), dropout, training) @ w2[e]
+    return ye + b2[e] if b2 is not None else ye
+
+
 def grouped_mlp_loop(
     x: Tensor,
     token: Tensor,
@@ -229,14 +239,7 @@ def grouped_mlp_loop(
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        xe = x.index_select(0, tok_sorted[start : start + n])  # [n, d]
-        h = xe @ w1[e]
-        if b1 is not None:
-            h = h + b1[e]
-        h = F.dropout(act(h), dropout, training)  # [n, h]
-        ye = h @ w2[e]
-        if b2 is not None:
-            ye = ye + b2[e]
+        ye = _expert(x.index_select(0, tok_sorted[start : start + n]), e, w1, b1, w2, b2, act, dropout, training)
         if gate_sorted is not None:
             ye = ye * gate_sorted[start : start + n, None].to(ye.dtype)
         rows.append(ye)
@@ -265,13 +268,7 @@ def grouped_mlp_masked(
     xa = x.index_select(0, token)  # [A, d]
     y = xa.new_zeros(token.shape[0], o)
     for e in range(E):
-        h = xa @ w1[e]
-        if b1 is not None:
-            h = h + b1[e]
-        ye = F.dropout(act(h), dropout, training) @ w2[e]
-        if b2 is not None:
-            ye = ye + b2[e]
-        y = torch.where((expert == e)[:, None], ye, y)
+        y = torch.where((expert == e)[:, None], _expert(xa, e, w1, b1, w2, b2, act, dropout, training), y)
     if gate is not None:
         y = y * gate[:, None].to(y.dtype)
     return x.new_zeros(S, o).index_add(0, token, y)
