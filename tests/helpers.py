@@ -105,3 +105,29 @@ def kernel_calls():
         yield calls
     finally:
         inference._kernel = original
+
+
+def run_rank_checks(out_dir: str, checks: dict) -> None:
+    """The rank side of :func:`run_rank_scripts`: on a gloo group made by ``deepspeed.init_distributed``, run each
+    ``name -> callable(rank)`` (a callable may return a "skip: ..." string; other return values are ignored),
+    record "ok", that string or the traceback, and write ``out_dir/rank<r>.json``; then end the process group."""
+    import traceback
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    import deepspeed
+    import torch
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    rank = torch.distributed.get_rank()
+    results = {}
+    for name, check in checks.items():
+        try:
+            out = check(rank)
+            results[name] = out if isinstance(out, str) else "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+        torch.distributed.barrier()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # a gloo group alive at interpreter exit can abort the process

@@ -14,15 +14,11 @@ All cases run in one pair of rank processes (this file run as a script); each te
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import sys
-import traceback
-from pathlib import Path
 
 import pytest
-from helpers import assert_ok, run_rank_scripts
+from helpers import assert_ok, run_rank_checks, run_rank_scripts
 
 pytest.importorskip("deepspeed", reason='needs DeepSpeed: pip install "fff-moe-plugin[deepspeed]"')
 
@@ -225,34 +221,20 @@ def check_case(rank: int, router: str, backend: str, zero: int, optimizer: str, 
 
 
 def worker(out_dir: str, names: list[str]) -> None:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import torch
-
-    torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    rank = torch.distributed.get_rank()
     try:
         import fff_moe_plugin.integrations.tutel  # noqa: F401
 
         tutel = None
     except ImportError as e:
         tutel = str(e)
-    results = {}
-    for name in names:
+
+    def case(name):
         router, backend, zero, optimizer, precision = CASES[name]
         if backend == "tutel" and tutel is not None:
-            results[name] = "skip: " + tutel
-            continue
-        try:
-            check_case(rank, router, backend, zero, optimizer, precision)
-            results[name] = "ok"
-        except Exception:
-            results[name] = traceback.format_exc()
-        torch.distributed.barrier()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()  # a gloo group alive at interpreter exit can abort the process
+            return lambda rank: "skip: " + tutel
+        return lambda rank: check_case(rank, router, backend, zero, optimizer, precision)
+
+    run_rank_checks(out_dir, {name: case(name) for name in names})
 
 
 # ---------------------------------------------------------------------------------------------------- tests

@@ -7,14 +7,11 @@ slow part); each test below asserts the result of its check. The worker is this 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
-from pathlib import Path
 
 import pytest
-from helpers import assert_ok, run_rank_scripts
+from helpers import assert_ok, run_rank_checks, run_rank_scripts
 
 pytest.importorskip("deepspeed", reason='needs DeepSpeed: pip install "fff-moe-plugin[deepspeed]"')
 
@@ -207,33 +204,14 @@ def check_checkpoints(rank: int, ckpt_dir: str) -> None:
 
 
 def worker(out_dir: str, checks: list[str]) -> None:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import torch
-
-    torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    rank = torch.distributed.get_rank()
-    results = {}
-    for name in checks:
-        try:
-            if name == "ep_equality":
-                check_ep_equality(rank)
-            elif name == "ep_equality_dropless_uneven":
-                check_ep_equality(rank, dropless=True, uneven=True)
-            elif name == "zero_training":
-                check_zero_training(rank)
-            elif name == "engine_ep_equality":
-                check_engine_ep_equality(rank)
-            elif name == "checkpoints":
-                check_checkpoints(rank, os.path.join(out_dir, "ckpt"))
-            results[name] = "ok"
-        except Exception:
-            results[name] = traceback.format_exc()
-        torch.distributed.barrier()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()  # a gloo group alive at interpreter exit can abort the process
+    every = {
+        "ep_equality": check_ep_equality,
+        "ep_equality_dropless_uneven": lambda rank: check_ep_equality(rank, dropless=True, uneven=True),
+        "zero_training": check_zero_training,
+        "engine_ep_equality": check_engine_ep_equality,
+        "checkpoints": lambda rank: check_checkpoints(rank, os.path.join(out_dir, "ckpt")),
+    }
+    run_rank_checks(out_dir, {name: every[name] for name in checks})
 
 
 # ---------------------------------------------------------------------------------------------------- tests

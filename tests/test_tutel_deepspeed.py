@@ -4,16 +4,13 @@ a layer and through DeepSpeed's engine with expert parallelism (``"backend": "tu
 Needs Tutel (built from source) and DeepSpeed (the `deepspeed` extra); runs on CPU with gloo.
 """
 
-import json
 import os
 import sys
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import assert_ok, free_port, run_rank_scripts
+from helpers import assert_ok, free_port, run_rank_checks, run_rank_scripts
 
 from fff_moe_plugin import FFF, FFFConfig
 
@@ -272,28 +269,19 @@ def check_checkpoint(rank: int, engine, ckpt_dir: str):
 
 
 def engine_worker(out_dir: str, checks: list[str]) -> None:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    kept = {}  # the engine_zero2 check's engine, which the checkpoint check continues
 
-    torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    rank = torch.distributed.get_rank()
-    results, tutel_zero2 = {}, None
-    for name in checks:
-        try:
-            if name == "engine_zero0":
-                check_engine(rank, zero=0)
-            elif name == "engine_zero2":
-                tutel_zero2 = check_engine(rank, zero=2)
-            elif name == "checkpoint":
-                if tutel_zero2 is None:
-                    raise RuntimeError("the checkpoint check continues the engine_zero2 check, which failed")
-                check_checkpoint(rank, tutel_zero2, os.path.join(out_dir, "ckpt"))
-            results[name] = "ok"
-        except Exception:
-            results[name] = traceback.format_exc()
-        torch.distributed.barrier()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    def engine_zero2(rank: int) -> None:
+        kept["engine"] = check_engine(rank, zero=2)
+
+    def checkpoint(rank: int) -> None:
+        if "engine" not in kept:
+            raise RuntimeError("the checkpoint check continues the engine_zero2 check, which failed")
+        check_checkpoint(rank, kept["engine"], os.path.join(out_dir, "ckpt"))
+
+    every = {"engine_zero0": lambda rank: check_engine(rank, zero=0), "engine_zero2": engine_zero2,
+             "checkpoint": checkpoint}
+    run_rank_checks(out_dir, {name: every[name] for name in checks})
 
 
 @pytest.fixture(scope="module")
