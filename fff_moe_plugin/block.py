@@ -14,7 +14,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .activations import activation_fn  # noqa: F401  (re-exported: the blocks and integrations import it here)
 from .config import BlockConfig
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...block import activation_fn
+from ...activations import activation_fn
 
 
 class FFFLeaf(nn.Module):
