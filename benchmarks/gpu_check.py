@@ -322,24 +322,9 @@ def cmd_deepspeed(args) -> int:
     return 0 if ok else 1
 
 
-def _deepspeed_model(d: int):
-    from torch import nn
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm = nn.LayerNorm(d)
-            self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-        def forward(self, x):
-            return x + self.mlp(self.norm(x))
-
-    torch.manual_seed(0)
-    return nn.Sequential(Block(), Block())
-
-
 def cmd_deepspeed_rank(args) -> int:
     import deepspeed
+    from bench_deepspeed import _model as deepspeed_model  # the DeepSpeed benchmark's model, beside this script
 
     from fff_moe_plugin import FFF, FFFConfig
     from fff_moe_plugin.deepspeed import aux_loss, initialize
@@ -373,7 +358,7 @@ def cmd_deepspeed_rank(args) -> int:
                   "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}},
                   "zero_optimization": {"stage": 0},
                   "fff_moe": {"depth": 3, "leaf_width": 64, "ep_size": 2, "replace": "*.mlp", "capacity_factor": 1.25}}
-        engine, *_ = initialize(model=_deepspeed_model(d).to(device), config=config, verbose=False)
+        engine, *_ = initialize(model=deepspeed_model(d, 2).to(device), config=config, verbose=False)
         g = torch.Generator().manual_seed(100 + rank)
         xb, yb = torch.randn(8, 64, d, generator=g).to(device), torch.randn(8, 64, d, generator=g).to(device)
         losses, times = [], []
