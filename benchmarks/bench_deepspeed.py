@@ -33,20 +33,13 @@ VARIANTS = {
 
 
 def _model(d: int, n_blocks: int):
+    """The residual feedforward blocks the engines replace (``*.mlp``), without input and output projections."""
     import torch
-    from torch import nn
 
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm = nn.LayerNorm(d)
-            self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-        def forward(self, x):
-            return x + self.mlp(self.norm(x))
+    from fff_moe_plugin.experiments.toy import ToyNet
 
     torch.manual_seed(0)
-    return nn.Sequential(*(Block() for _ in range(n_blocks)))
+    return ToyNet(d, 4 * d, n_blocks, activation="gelu", projections=False)
 
 
 def worker(args) -> None:

@@ -6,7 +6,7 @@ the project's speed targets.
     python benchmarks/bench_inference.py --check results/bench_inference.json   # targets only, measure nothing
     python benchmarks/bench_inference.py --help                   # every option
 
-The measurement is ``fff-moe bench`` (``fff_moe_plugin/commands/bench.py``, same options): a table per
+The measurement is ``fff-moe bench`` (``fff_moe_plugin/experiments/inference_bench.py``, same options): a table per
 (threads, width, batch) with medians over interleaved rounds, speedups against the fastest of three dense
 implementations (nn.Linear, addmm on pre-transposed weights, oneDNN) and the roofline ideal beside each,
 written to JSON (``--json``). This script then compares that JSON with ``TARGETS``; the shipped command
@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from fff_moe_plugin.commands import bench
+from fff_moe_plugin.experiments import inference_bench as bench
 
 # (layer kind, depth) -> speedup targets against the fastest dense block at 1 thread, width 4096: (batch 1, batch 4096)
 TARGETS = {("path-neuron", 11): (250.0, 100.0), ("leaf-MLP", 7): (110.0, 40.0), ("leaf-MLP", 5): (55.0, 15.0)}

@@ -106,7 +106,88 @@ def initialize(
                 print("  " + r.describe(block), flush=True)
     out = deepspeed.initialize(args=args, model=model, config=ds_config, **kwargs)
     install_global_norm_clipping(out[0])
+    install_legacy_checkpoint_loading(out[0])
     return out
+
+
+# -- checkpoints written before the tree's router, leaves and master leaf were modules -------------------------
+# Their weights load through the layers' key-remap hooks (router.move_legacy_keys). Their optimizer states hold the
+# parameters by position, and FFFMoE's master-leaf blend logit, once a parameter of the layer itself, now comes
+# after the tree's nodes: the saved parameter groups are put in today's order before the optimizer reads them.
+
+def install_legacy_checkpoint_loading(engine) -> None:
+    """Make ``engine.load_checkpoint`` read the optimizer state of checkpoints written before the tree's parts were
+    modules (``initialize`` calls it): at ZeRO stage 0 in fp32 the saved parameter groups are reordered by the
+    parameters' names; elsewhere (flattened ZeRO or fp16 / bf16 states) such a checkpoint is refused unless it is
+    loaded with ``load_optimizer_states=False`` or ``load_module_only=True`` (the weights load in every case)."""
+    import functools
+    import inspect
+
+    load = engine.load_checkpoint
+    signature = inspect.signature(load)
+
+    @functools.wraps(load)
+    def load_checkpoint(*args, **kwargs):
+        given = signature.bind(*args, **kwargs)
+        given.apply_defaults()
+        a = given.arguments
+        old_order = _legacy_parameter_order(a["load_dir"], a["tag"])
+        if old_order is None or not a["load_optimizer_states"] or a["load_module_only"]:
+            return load(*args, **kwargs)
+        if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
+            raise ValueError(
+                f"{a['load_dir']}: this checkpoint was written before the tree's router and master leaf were modules, "
+                "and its optimizer state (ZeRO-partitioned or fp16/bf16) holds the parameters in their old order; "
+                "load it with load_optimizer_states=False (the weights load, the optimizer starts afresh)")
+        optimizer = engine.optimizer
+        read = optimizer.load_state_dict
+        names = {id(p): n for n, p in engine.module.named_parameters()}
+
+        def load_state_dict(state):
+            return read(_reorder_parameter_groups(state, optimizer.param_groups, names, old_order))
+
+        optimizer.load_state_dict = load_state_dict
+        try:
+            return load(*args, **kwargs)
+        finally:
+            del optimizer.load_state_dict
+
+    engine.load_checkpoint = load_checkpoint
+
+
+def _legacy_parameter_order(load_dir, tag) -> Optional[dict[str, int]]:
+    """{today's parameter name: position in the checkpoint's module state} for a DeepSpeed checkpoint written
+    before the tree's router and master leaf were modules; None for any other checkpoint."""
+    from .router import LEGACY_NAMES, current_key
+
+    if tag is None:
+        latest = os.path.join(load_dir, "latest")
+        if not os.path.isfile(latest):
+            return None
+        with open(latest, encoding="utf-8") as f:
+            tag = f.read().strip()
+    path = os.path.join(load_dir, str(tag), "mp_rank_00_model_states.pt")
+    if not os.path.isfile(path):
+        return None
+    keys = list(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("module", {}))
+    if not any(current_key(k) != k for k in keys if k.rpartition(".")[2] in LEGACY_NAMES):
+        return None
+    return {current_key(k): i for i, k in enumerate(keys)}
+
+
+def _reorder_parameter_groups(state: dict, groups: list[dict], names: dict[int, str],
+                              old_order: dict[str, int]) -> dict:
+    """An optimizer state dict whose groups list the saved parameter ids in today's parameter order. Groups of
+    parameters the module state does not hold (experts, saved in files of their own, in unchanged order) stay."""
+    saved_groups = []
+    for saved, group in zip(state["param_groups"], groups):
+        now = [names[id(p)] for p in group["params"]]
+        if len(now) != len(saved["params"]) or not all(n in old_order for n in now):
+            saved_groups.append(saved)
+            continue
+        by_name = dict(zip(sorted(now, key=old_order.__getitem__), saved["params"]))
+        saved_groups.append({**saved, "params": [by_name[n] for n in now]})
+    return {**state, "param_groups": saved_groups}
 
 
 def _has_moe_layers(model: nn.Module) -> bool:
@@ -205,39 +286,42 @@ def install_global_norm_clipping(engine) -> bool:
 
 
 def _moe_layers(model: nn.Module):
-    """(name, module) of the adapters and of FFF / DeepSpeed MoE layers not inside an adapter."""
+    """(name, module) of the adapters, and of the MoE layers (the package's expert-parallel FFF layers, DeepSpeed's
+    own ``MoE``) not inside an adapter."""
     from deepspeed.moe.layer import MoE
 
+    from .dispatch import ExpertParallelFFF
     from .integrations.deepspeed.adapter import MoEFeedForward
 
     inside: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
-        if isinstance(module, (MoEFeedForward, MoE)):
+        if isinstance(module, (MoEFeedForward, ExpertParallelFFF, MoE)):
             inside.append(name)
             yield name, module
+
+
+def _last(name: str, module: nn.Module):
+    """The BlockOutput of an adapter's or FFF layer's last forward; None for DeepSpeed's own MoE."""
+    if not hasattr(module, "last"):
+        return None
+    if module.last is None:
+        raise ValueError(f"{name} has not run a forward yet; call aux_loss after the model's forward")
+    return module.last
 
 
 def aux_loss(model: nn.Module, native_coef: float = 0.01) -> Tensor:
     """Sum of the auxiliary losses of every MoE layer's last forward, to add to the training loss.
 
-    Layers installed by :func:`initialize` contribute their weighted ``aux_loss``; a bare :class:`FFFMoE` or
-    ``TutelFFFMoE`` its ``l_aux`` (already weighted); a bare DeepSpeed ``MoE`` its ``l_aux`` times
-    ``native_coef``. Works on the model or on the DeepSpeed engine wrapping it. Zero when there is none.
+    Layers installed by :func:`initialize` and bare FFF layers (``FFFMoE``, ``TutelFFFMoE``) contribute their
+    weighted ``aux_loss``; a bare DeepSpeed ``MoE`` its ``l_aux`` times ``native_coef``. Works on the model or
+    on the DeepSpeed engine wrapping it. Zero when there is none.
     """
-    from .integrations.deepspeed.adapter import MoEFeedForward
-    from .integrations.deepspeed.layer import FFFMoE
-    from .integrations.deepspeed.tutel_moe import TutelFFFMoE
-
     total = None
     for name, m in _moe_layers(model):
-        if isinstance(m, (MoEFeedForward, TutelFFFMoE)):
-            if m.last is None:
-                raise ValueError(f"{name} has not run a forward yet; call aux_loss after the model's forward")
-            term = m.last.aux_loss
-        else:
-            term = m.deepspeed_moe.l_aux.float() * (1.0 if isinstance(m, FFFMoE) else native_coef)
+        last = _last(name, m)
+        term = last.aux_loss if last is not None else m.deepspeed_moe.l_aux.float() * native_coef
         total = term if total is None else total + term
     if total is None:
         p = next(model.parameters(), None)
@@ -249,9 +333,8 @@ def routing_stats(model: nn.Module) -> dict[str, dict[str, Tensor]]:
     """Per MoE layer, the routing statistics of its last forward (``counts`` per leaf / expert, ``dropped``...)."""
     out = {}
     for name, m in _moe_layers(model):
-        if hasattr(m, "last"):
-            if m.last is not None:
-                out[name] = m.last.stats
-        else:
+        if not hasattr(m, "last"):
             out[name] = {"counts": m.deepspeed_moe.exp_counts.detach().float()}
+        elif m.last is not None:
+            out[name] = m.last.stats
     return out

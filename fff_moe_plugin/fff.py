@@ -6,20 +6,16 @@ balancing and master leaf of the eFFF paper (arXiv 2405.16836). docs/methods.md 
 
 from __future__ import annotations
 
-import math
-from typing import Optional
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import tree
 from .activations import activation_fn, activation_module, activation_name
 from .block import BlockOutput, FeedForwardBlock
 from .config import ACTIVATIONS, FFFConfig
-from .losses import tree_losses, tree_stats, warn_nonfinite
+from .leaves import LeafBank, MasterLeaf
+from .losses import warn_nonfinite
 from .ops import inference
-from .ops.grouped import grouped_mlp
+from .router import TreeRouter, move_legacy_keys
 
 
 class FFF(FeedForwardBlock):
@@ -39,6 +35,10 @@ class FFF(FeedForwardBlock):
 
     With ``master_leaf`` the output is ``sigmoid(k) * tree(x) + (1 - sigmoid(k)) * M(x)``, M an always-on
     MLP and k a learned scalar (eFFF).
+
+    Parts: ``router`` (:class:`~fff_moe_plugin.router.TreeRouter`, the nodes), ``leaves``
+    (:class:`~fff_moe_plugin.leaves.LeafBank`, the L leaf MLPs) and ``master``
+    (:class:`~fff_moe_plugin.leaves.MasterLeaf`, or None).
     """
 
     config_class = FFFConfig
@@ -46,138 +46,41 @@ class FFF(FeedForwardBlock):
     def __init__(self, config: FFFConfig):
         super().__init__(config)
         c = config
-        d, l, o, N, L = c.d_model, c.leaf_width, c.d_out, c.n_nodes, c.n_leaves
         self.act = activation_fn(c.activation)
-        # nn.Linear's default init, as fastfeedforward uses: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-        k1, k2 = 1.0 / math.sqrt(d), 1.0 / math.sqrt(l)
-        self.node_weight = nn.Parameter(torch.empty(N, d).uniform_(-k1, k1))  # [N, d]
-        self.node_bias = nn.Parameter(torch.empty(N).uniform_(-k1, k1)) if c.bias else None  # [N]
-        self.leaf_w1 = nn.Parameter(torch.empty(L, d, l).uniform_(-k1, k1))  # [L, d, l]
-        self.leaf_b1 = nn.Parameter(torch.empty(L, l).uniform_(-k1, k1)) if c.bias else None  # [L, l]
-        self.leaf_w2 = nn.Parameter(torch.empty(L, l, o).uniform_(-k2, k2))  # [L, l, o]
-        self.leaf_b2 = nn.Parameter(torch.empty(L, o).uniform_(-k2, k2)) if c.bias else None  # [L, o]
-        if c.master_leaf:
-            m = c.master_leaf_width
-            km = 1.0 / math.sqrt(m)
-            self.master_w1 = nn.Parameter(torch.empty(d, m).uniform_(-k1, k1))
-            self.master_b1 = nn.Parameter(torch.empty(m).uniform_(-k1, k1)) if c.bias else None
-            self.master_w2 = nn.Parameter(torch.empty(m, o).uniform_(-km, km))
-            self.master_b2 = nn.Parameter(torch.empty(o).uniform_(-km, km)) if c.bias else None
-            # blend logit k: sigmoid(0) = 1/2 starts tree and master leaf on an equal footing
-            self.master_gate = nn.Parameter(torch.zeros(()))
+        # registered in this order, which is the order of the parameters (and of optimizer states)
+        self.router = TreeRouter(c)  # node_weight [N, d], node_bias [N]
+        self.leaves = LeafBank(c.n_leaves, c.d_model, c.leaf_width, c.d_out, c.activation, c.bias, c.leaf_dropout)
+        self.master = (MasterLeaf(c.d_model, c.master_leaf_width, c.d_out, c.activation, c.bias, c.leaf_dropout)
+                       if c.master_leaf else None)
 
-    # -- pieces shared with the integrations --------------------------------------------------------
-    def node_logits(self, x: Tensor) -> Tensor:
-        """Logits of every node for every token: [S, d] -> [S, N]."""
-        return tree.decision_linear(x, self.node_weight, self.node_bias)
-
-    def route(self, x: Tensor, leak_rate: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-        """Hard descent (:func:`fff_moe_plugin.tree.route`): path nodes [S, D], path logits [S, D], leaf [S],
-        and every node's logit [S, N] where the descent computed them (small trees), else None."""
-        nodes, logits, end, all_logits = tree.route(x, self.node_weight, self.node_bias, self.config.depth,
-                                                    leak_rate=leak_rate, every_logit=self.needs_every_logit())
-        return nodes, logits, end - self.config.n_nodes, all_logits
-
-    def descend(self, x: Tensor, leak_rate: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-        """Hard descent: (path nodes [S, D], path logits [S, D], leaf [S])."""
-        return self.route(x, leak_rate)[:3]
-
-    def needs_every_logit(self) -> bool:
-        """Whether this training step needs every node's logit (the leaf balancing loss), so routing computes
-        them in one GEMM whatever the depth."""
-        return self.training and self.config.load_balance == "leaf"
-
-    def balance_logits(self, x: Tensor, routed: Optional[Tensor], leak_rate: float) -> Optional[Tensor]:
-        """Every node's logit [S, N], without region leak, for the leaf balancing loss (None when it is off);
-        the descent's own ``routed`` logits when it computed them with no leak."""
-        if self.config.load_balance != "leaf":
-            return None
-        return routed if routed is not None and leak_rate == 0 else self.node_logits(x)
-
-    def leaf_gate(self, path_logits: Tensor) -> Tensor:
-        """Weight of the chosen leaf's output in the hard forward: its path probability, or 1 for soft trees."""
-        if self.config.train_mode == "soft" and not self.training:
-            return path_logits.new_ones(path_logits.shape[0])
-        right = path_logits >= 0
-        return tree.path_log_prob(path_logits, right).exp()
-
-    def leaves(self, x: Tensor, leaf: Tensor, gate: Tensor) -> Tensor:
-        """Run each token's leaf, scaled by ``gate``: [S, d], [S], [S] -> [S, o]."""
-        return grouped_mlp(
-            x, None, leaf, gate, self.leaf_w1, self.leaf_b1, self.leaf_w2, self.leaf_b2,
-            self.act, self.config.leaf_dropout, self.training,
-        )
-
-    def master(self, x: Tensor, tree_out: Tensor) -> Tensor:
-        """Blend the tree's output with the master leaf (identity without one)."""
-        if not self.config.master_leaf:
-            return tree_out
-        h = x @ self.master_w1
-        if self.master_b1 is not None:
-            h = h + self.master_b1.to(h.dtype)  # .to: under autocast h is bfloat16
-        m = F.dropout(self.act(h), self.config.leaf_dropout, self.training) @ self.master_w2
-        if self.master_b2 is not None:
-            m = m + self.master_b2.to(m.dtype)
-        g = torch.sigmoid(self.master_gate).to(m.dtype)
-        return g * tree_out + (1 - g) * m
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        move_legacy_keys(state_dict, prefix)  # state dicts written before the router, leaves and master modules
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> BlockOutput:
         # S tokens, d model width, N nodes, L leaves, l leaf width, o output width, D depth
+        c = self.config
         lead = x.shape[:-1]
         x = self._flatten_input(x)  # [S, d]
-        if self.training and self.config.train_mode == "soft":
-            y, path_nodes, path_logits, leaf, leaf_p, harden_on, all_logits = self._soft(x)
+        # eval on the compiled descent and grouped leaf kernels (ops/inference.py) where they apply; same function
+        kernels = not self.training and inference.kernels_apply(x, *self.parameters())
+        routing = self.router(x, kernels=kernels)
+        if routing.soft:
+            y = self.leaves.mixture(x, routing.leaf_log_probs.exp())
+        elif kernels:
+            w = self.leaves
+            y = inference.leaf_mlp(x, routing.leaf, routing.gate, w.w1, w.b1, w.w2, w.b2, c.activation)
         else:
-            y, path_nodes, path_logits, leaf, leaf_p, harden_on, all_logits = self._hard(x)
-        y = self.master(x, y)  # [S, o]
+            y = self.leaves(x, routing.leaf, routing.gate)  # [S, o]
+        if self.master is not None:
+            y = self.master.blend(x, y)  # [S, o]
 
-        c = self.config
-        zero = self.zero()
-        stats = tree_stats(c, leaf, path_logits)
+        stats = self.router.stats(routing)
         warn_nonfinite(self, stats, type(self).__name__)
-        stats["master_gate"] = torch.sigmoid(self.master_gate.detach().float()) if c.master_leaf else zero + 1.0
-        if not self.training:
-            losses = {"hardening": zero, "load_balance": zero}
-            return BlockOutput(y.reshape(*lead, c.d_out), zero, losses, stats)
-        aux, losses = tree_losses(
-            c, path_nodes, path_logits, leaf, harden_on=harden_on, leaf_probs=leaf_p, all_logits=all_logits
-        )
+        stats["master_gate"] = self.master.share() if self.master is not None else self.zero() + 1.0
+        aux, losses = self.router.losses(routing)
         return BlockOutput(y.reshape(*lead, c.d_out), aux, losses, stats)
-
-    def _soft(self, x: Tensor):
-        c = self.config
-        logits = tree.leak(self.node_logits(x), c.region_leak)  # [S, N]
-        leaf_p = tree.leaf_probs(logits, c.depth)  # [S, L]
-        path_nodes, end = tree.descend_from_logits(logits, c.depth)  # [S, D], [S]
-        path_logits = tree.take_along(logits, path_nodes)  # [S, D]
-        S, L, l = x.shape[0], c.n_leaves, c.leaf_width
-        # every leaf at once, as one dense layer of the training width L * l
-        h = x @ self.leaf_w1.permute(1, 0, 2).reshape(c.d_model, L * l)  # [S, L*l]
-        if self.leaf_b1 is not None:
-            h = h + self.leaf_b1.reshape(L * l).to(h.dtype)  # .to: under autocast h is bfloat16
-        h = F.dropout(self.act(h), c.leaf_dropout, self.training).view(S, L, l)
-        # fold the mixture weights into the hidden units: sum_j c_j (h_j W2_j + b2_j)
-        mixed = (h * leaf_p.to(h.dtype)[:, :, None]).reshape(S, L * l)  # [S, L*l]
-        y = mixed @ self.leaf_w2.reshape(L * l, c.d_out)  # [S, o]
-        if self.leaf_b2 is not None:
-            y = y + leaf_p.to(h.dtype) @ self.leaf_b2
-        return y, path_nodes, path_logits, end - c.n_nodes, leaf_p, logits, None
-
-    def _hard(self, x: Tensor):
-        if not self.training and inference.kernels_apply(x, *self.parameters()):
-            # eval on the compiled descent and grouped leaf kernels (ops/inference.py); same function
-            path_nodes, path_logits, end = inference.descend(x, self.node_weight, self.node_bias, self.config.depth)
-            leaf = end - self.config.n_nodes
-            w = (self.leaf_w1, self.leaf_b1, self.leaf_w2, self.leaf_b2)
-            y = inference.leaf_mlp(x, leaf, self.leaf_gate(path_logits), *w, self.config.activation)
-            return y, path_nodes, path_logits, leaf, None, path_logits, None
-        leak = self.config.region_leak if self.training else 0.0
-        path_nodes, path_logits, leaf, routed = self.route(x, leak)
-        y = self.leaves(x, leaf, self.leaf_gate(path_logits))
-        # hard mode mixes no leaves; the leaf balancing loss needs every node's logit
-        all_logits = self.balance_logits(x, routed, leak) if self.training else None
-        return y, path_nodes, path_logits, leaf, None, path_logits, all_logits
 
     # -- interop with the reference package ----------------------------------------------------------
     @classmethod
@@ -202,12 +105,12 @@ class FFF(FeedForwardBlock):
         values.update(overrides)
         layer = cls(FFFConfig.from_dict(values))
         with torch.no_grad():
-            layer.node_weight.copy_(ref.node_weights)
-            layer.node_bias.copy_(ref.node_biases.view(-1))
-            layer.leaf_w1.copy_(ref.w1s)
-            layer.leaf_b1.copy_(ref.b1s)
-            layer.leaf_w2.copy_(ref.w2s)
-            layer.leaf_b2.copy_(ref.b2s)
+            layer.router.node_weight.copy_(ref.node_weights)
+            layer.router.node_bias.copy_(ref.node_biases.view(-1))
+            layer.leaves.w1.copy_(ref.w1s)
+            layer.leaves.b1.copy_(ref.b1s)
+            layer.leaves.w2.copy_(ref.w2s)
+            layer.leaves.b2.copy_(ref.b2s)
         return layer.to(ref.w1s.dtype)
 
     def to_fastfeedforward(self) -> nn.Module:
@@ -228,10 +131,10 @@ class FFF(FeedForwardBlock):
         ref = fastfeedforward.FFF(c.d_model, c.leaf_width, c.d_out, c.depth, activation=activation_module(c.activation),
                                   dropout=c.leaf_dropout, region_leak=c.region_leak)
         with torch.no_grad():
-            ref.node_weights.copy_(self.node_weight)
-            ref.node_biases.copy_(self.node_bias.view(-1, 1))
-            ref.w1s.copy_(self.leaf_w1)
-            ref.b1s.copy_(self.leaf_b1)
-            ref.w2s.copy_(self.leaf_w2)
-            ref.b2s.copy_(self.leaf_b2)
+            ref.node_weights.copy_(self.router.node_weight)
+            ref.node_biases.copy_(self.router.node_bias.view(-1, 1))
+            ref.w1s.copy_(self.leaves.w1)
+            ref.b1s.copy_(self.leaves.b1)
+            ref.w2s.copy_(self.leaves.w2)
+            ref.b2s.copy_(self.leaves.b2)
         return ref

@@ -1,5 +1,6 @@
-"""Helpers shared by the test modules (not a test module): the toy language-model corpus, and DeepSpeed-style
-ranks started as separate processes."""
+"""Helpers shared by the test modules (not a test module): the repository's paths, the toy language-model corpus
+and the fairseq flag tables that train on it, and DeepSpeed-style ranks started as separate processes. The toy
+network the DeepSpeed tests replace blocks of is ``fff_moe_plugin.experiments.toy.ToyNet``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,24 @@ import sys
 from pathlib import Path
 
 import pytest
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent  # the repository
+
+# fairseq-train on the toy corpus: a 2-layer transformer of width 16, and each architecture family at that size
+FAIRSEQ_TINY = ["--decoder-embed-dim", "16", "--decoder-layers", "2", "--decoder-attention-heads", "2",
+                "--decoder-ffn-embed-dim", "32", "--decoder-normalize-before"]
+FAIRSEQ_TRAIN = ["--task", "language_modeling", "--criterion", "cross_entropy_fff", "--optimizer", "adam", "--lr",
+                 "0.01", "--tokens-per-sample", "16", "--sample-break-mode", "none", "--max-tokens", "256", "--seed",
+                 "3", "--log-format", "json", "--log-interval", "1", "--num-workers", "0", "--disable-validation",
+                 "--no-epoch-checkpoints"]
+FAIRSEQ_ARCHS = {
+    "fff": ["--arch", "transformer_lm_fff", "--fff-depth", "2", "--fff-leaf-width", "8", "--fff-hardening", "0.1",
+            "--fff-load-balance", "leaf", "--fff-master-leaf"],
+    "sigma_moe": ["--arch", "transformer_lm_sigma_moe", "--moe-n-experts", "4", "--moe-expert-size", "8",
+                  "--moe-top-k", "2"],
+    "pkm": ["--arch", "transformer_lm_pkm", "--pkm-n-keys", "4", "--pkm-knn", "4"],
+}
 
 
 def lm_text(n_lines: int, seed: int) -> str:
@@ -36,7 +55,8 @@ def run_rank_scripts(script: str, out: Path, args: list[str], world: int = 2, ti
     procs = []
     for rank in range(world):
         env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world), OMP_NUM_THREADS="1")
+                   LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world), OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]))
         log = open(out / f"rank{rank}.log", "w")
         procs.append((subprocess.Popen([sys.executable, script, str(out), *args], env=env, stdout=log,
                                        stderr=subprocess.STDOUT), log))

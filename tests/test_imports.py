@@ -119,3 +119,30 @@ def test_an_activation_with_no_name_is_not_mistaken_for_one():
     assert activation_name(nn.LeakyReLU()) is None
     with pytest.raises(ValueError, match="activation 'swish' is not known: must be one of relu"):
         activation_fn("swish")
+
+
+def test_the_kernels_import_only_the_tree_math_and_the_activations():
+    graph = import_graph()
+    allowed = {"fff_moe_plugin.tree", "fff_moe_plugin.activations"}
+    ops = [m for m in graph if m.startswith("fff_moe_plugin.ops")]
+    assert "fff_moe_plugin.ops.inference" in ops
+    for module in ops:
+        outside = {d for d in graph[module] if not d.startswith("fff_moe_plugin.ops")} - allowed
+        # the package's __init__ is imported on the way to any module of it: a parent package is no dependency
+        outside.discard("fff_moe_plugin")
+        assert not outside, (module, outside)
+
+
+def test_fairseq_reaches_the_backends_only_through_the_expert_parallel_interface():
+    graph = import_graph()
+    fairseq = [m for m in graph if m.startswith("fff_moe_plugin.integrations.fairseq")]
+    for module in fairseq:
+        backends = {d for d in graph[module] if d.startswith(("fff_moe_plugin.integrations.deepspeed.",
+                                                              "fff_moe_plugin.integrations.tutel"))}
+        # the one place that builds a backend's layer by name
+        if module == "fff_moe_plugin.integrations.fairseq.sharded":
+            assert backends <= {"fff_moe_plugin.integrations.deepspeed.layer", "fff_moe_plugin.integrations.tutel"}
+        else:
+            assert not backends, (module, backends)
+    for module in [m for m in graph if m.startswith("fff_moe_plugin.integrations.deepspeed")]:
+        assert not any("fairseq" in d for d in graph[module]), module

@@ -1,7 +1,8 @@
 """Dispatch and inference kernels, each behind one function with a plain-torch reference beside it.
 
-``to_fast_eval`` (one call to put a trained model in its fast inference form) lives in
-``fff_moe_plugin.ops.fast_eval``; it imports the layers, which import this package.
+The package imports only the tree math (``fff_moe_plugin.tree``) and the activations; the layers import it.
+``to_fast_eval`` (one call to put a trained model in its fast inference form) is ``fff_moe_plugin.fast_eval``,
+above the layers.
 """
 
 from .grouped import grouped_mlp, grouped_mlp_reference

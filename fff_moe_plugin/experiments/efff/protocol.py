@@ -211,7 +211,7 @@ def run_one(
         "usage_entropy_bits_train": max(0.0, float(usage_entropy(train_counts)) / math.log(2)),
         "leaf_counts_train": [int(c) for c in train_counts],
         "leaf_counts_test": [int(c) for c in test_counts],
-        "master_gate": float(torch.sigmoid(model.fff.master_gate.detach())) if config.master_leaf else None,
+        "master_gate": float(model.fff.master.share()) if config.master_leaf else None,
         "parameters": config.num_parameters(), "parameters_per_image": config.num_parameters_per_token(),
         "history": sel.history, "seconds": time.perf_counter() - start,
     }

@@ -21,10 +21,9 @@ from .adapter import MoEFeedForward  # noqa: E402
 from .config import DeepSpeedFFFConfig  # noqa: E402
 from .gate import RoutingRecord, TreeGate  # noqa: E402
 from .layer import FFFMoE  # noqa: E402
-from .leaf import FFFLeaf  # noqa: E402
 from .replace import Replacement, apply_replacements, feedforward_shape, plan_replacements  # noqa: E402
 
 __all__ = [
-    "TreeGate", "RoutingRecord", "FFFMoE", "FFFLeaf", "MoEFeedForward", "DeepSpeedFFFConfig", "Replacement",
+    "TreeGate", "RoutingRecord", "FFFMoE", "MoEFeedForward", "DeepSpeedFFFConfig", "Replacement",
     "plan_replacements", "apply_replacements", "feedforward_shape",
 ]

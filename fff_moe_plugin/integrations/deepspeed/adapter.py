@@ -15,6 +15,7 @@ from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
 from ...block import BlockOutput
+from ...dispatch import ExpertParallelFFF
 from .gate import LazyStats
 
 
@@ -30,22 +31,21 @@ class MoEFeedForward(nn.Module):
 
     def __init__(self, layer: nn.Module, aux_coef: float = 1.0) -> None:
         super().__init__()
+        if not isinstance(layer, (ExpertParallelFFF, MoE)):
+            raise TypeError(f"MoEFeedForward wraps an expert-parallel FFF layer or a DeepSpeed MoE, got "
+                            f"{type(layer).__name__}")
         self.moe = layer
         self.aux_coef = aux_coef
         self.last: Optional[BlockOutput] = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if hasattr(self.moe, "forward_block"):  # FFFMoE, TutelFFFMoE: the package's BlockOutput directly
+        if isinstance(self.moe, ExpertParallelFFF):  # FFFMoE, TutelFFFMoE, TutelFFF: the package's BlockOutput
             out = self.moe.forward_block(x)
-        elif isinstance(self.moe, MoE):
+        else:  # DeepSpeed's own MoE (the top-1 baseline)
             y, l_aux, counts = self.moe(x)
             l_aux = l_aux.float()
             out = BlockOutput(y, self.aux_coef * l_aux, {"load_balance": l_aux},
                               LazyStats(functools.partial(_expert_stats, counts.detach())))
-        else:
-            out = self.moe(x)
-            if not isinstance(out, BlockOutput):
-                raise TypeError(f"{type(self.moe).__name__} returned {type(out).__name__}; a BlockOutput is expected")
         self.last = out
         return out.output
 

@@ -1,9 +1,8 @@
 """The FFF tree as a gate of DeepSpeed's ``MOELayer``: hard descent to one leaf, path probability as weight.
 
-The tree math is the core's: :func:`fff_moe_plugin.tree.descend` and :func:`~fff_moe_plugin.tree.leaf_probs`
-route, :meth:`fff_moe_plugin.fff.FFF.leaf_gate` (the very same function, bound to this class) gives the
-combine weight, and :mod:`fff_moe_plugin.losses` the auxiliary loss. What this file adds is DeepSpeed's gate
-contract around them: capacity, token dropping, and the two return shapes DeepSpeed has used.
+The tree is the core's :class:`~fff_moe_plugin.router.TreeRouter`: it routes, gives the combine weight (the path
+probability) and the auxiliary loss. What this file adds is DeepSpeed's gate contract around it: capacity, token
+dropping, and the two return shapes DeepSpeed has used.
 """
 
 from __future__ import annotations
@@ -17,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ... import tree
 from ...config import FFFConfig
-from ...fff import FFF
-from ...losses import tree_losses, tree_stats
+from ...dispatch import DispatchConfig
+from ...router import Routing, TreeRouter, move_legacy_keys
 
 if TYPE_CHECKING:
     from torch.distributed import Work
@@ -69,10 +67,10 @@ class LazyStats(Mapping[str, Tensor]):
         return f"{type(self).__name__}({self._get()!r})"
 
 
-def _routing_stats(config: FFFConfig, leaf: Tensor, path_logits: Tensor, used: Optional[Tensor], kept: Tensor,
+def _routing_stats(router: TreeRouter, routing: Routing, used: Optional[Tensor], kept: Tensor,
                    capacity: Tensor) -> dict[str, Tensor]:
-    """:func:`~fff_moe_plugin.losses.tree_stats` of the routed tokens, plus ``dropped`` and ``capacity``."""
-    stats = tree_stats(config, leaf if used is None else leaf[used], path_logits)
+    """The router's statistics of the routed tokens, plus ``dropped`` and ``capacity``."""
+    stats = router.stats(routing if used is None else routing.select(used))
     stats["dropped"] = ((~kept).sum() if used is None else (used & ~kept).sum()).float()
     stats["capacity"] = capacity.detach().float()
     return stats
@@ -81,12 +79,13 @@ def _routing_stats(config: FFFConfig, leaf: Tensor, path_logits: Tensor, used: O
 class TreeGate(nn.Module):
     """FFF tree gate for ``deepspeed.moe.sharded_moe.MOELayer`` (Belcak & Wattenhofer, arXiv 2308.14711).
 
-    Each token descends the tree of ``config.depth`` single-neuron nodes to one leaf (expert), computing only
-    the ``depth`` nodes on its path; the leaf's output is weighted by the path probability, exactly as the
-    core FFF layer in hard mode. Capacity follows DeepSpeed: ``ceil(S / L * capacity_factor)`` slots per leaf
-    (``eval_capacity_factor`` in eval), at least ``min_capacity``; tokens beyond it are dropped in arrival
-    order (their tree output is zero). With ``drop_tokens=False`` the capacity is the largest leaf load. In
-    both cases the capacity is agreed (max) over the expert-parallel group, as the all-to-all needs.
+    Each token descends the tree of ``config.depth`` single-neuron nodes (``router``, a
+    :class:`~fff_moe_plugin.router.TreeRouter`) to one leaf (expert); the leaf's output is weighted by the path
+    probability, exactly as the core FFF layer in hard mode. Capacity follows DeepSpeed and the
+    :class:`~fff_moe_plugin.dispatch.DispatchConfig`: ``max(ceil(S / L * capacity_factor), min_capacity)``
+    slots per leaf (``eval_capacity_factor`` in eval); tokens beyond it are dropped in arrival order (their tree
+    output is zero). Dropless, the capacity is the largest leaf load. In both cases the capacity is agreed (max)
+    over the expert-parallel group, as the all-to-all needs.
 
     ``forward(x [S, d], used_token [S] | None, sparse_routes, use_tutel)`` returns
     - ``sparse_routes=True`` (DeepSpeed 0.19): ``(l_aux, capacity, L, indices int32 [1, S] (-1 = dropped),
@@ -101,36 +100,18 @@ class TreeGate(nn.Module):
     def __init__(
         self,
         config: FFFConfig,
-        capacity_factor: float = 1.0,
-        eval_capacity_factor: float = 1.0,
-        min_capacity: int = 4,
-        drop_tokens: bool = True,
+        dispatch: Optional[DispatchConfig] = None,
         ep_group: Optional[torch.distributed.ProcessGroup] = None,
     ) -> None:
         super().__init__()
         self.config = config
+        self.dispatch = DispatchConfig() if dispatch is None else dispatch
         self.k = 1  # one leaf per token; DeepSpeed reads this attribute
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
-        self.min_capacity = min_capacity
-        self.drop_tokens = drop_tokens
         self.ep_group = ep_group
         self._ep_world: Optional[int] = None  # the group's size, read once
-        N, d = config.n_nodes, config.d_model
-        k = 1.0 / math.sqrt(d)
-        self.node_weight = nn.Parameter(torch.empty(N, d).uniform_(-k, k))  # [N, d]
-        self.node_bias = nn.Parameter(torch.empty(N).uniform_(-k, k)) if config.bias else None  # [N]
+        self.router = TreeRouter(config)
         self.last_record: Optional[RoutingRecord] = None
-
-    # the core layer's combine weight (path probability) and balancing-loss logits: the functions, not copies
-    leaf_gate = FFF.leaf_gate
-    needs_every_logit = FFF.needs_every_logit
-    balance_logits = FFF.balance_logits
-
-    def node_logits(self, x: Tensor) -> Tensor:
-        """Every node's logit [S, N], on node weights cast to the (promoted) dtype of ``x``."""
-        b = self.node_bias.to(x.dtype) if self.node_bias is not None else None
-        return tree.decision_linear(x, self.node_weight, b)
+        self.register_load_state_dict_pre_hook(_move_legacy_keys)
 
     def _set_ep_group(self, ep_group: torch.distributed.ProcessGroup) -> None:
         if self.ep_group is not None and self.ep_group is not ep_group:
@@ -149,18 +130,10 @@ class TreeGate(nn.Module):
         c = self.config
         S, L = input.shape[0], c.n_leaves
         # with token dropping the capacity follows from S alone: its agreement over the group runs while routing
-        agreed = self._fixed_capacity(S, input.device) if self.drop_tokens else None
-        # routing runs in float32 at least (float64 stays float64), as DeepSpeed's gates do
-        dtype = torch.promote_types(input.dtype, torch.float32)
-        x = input.to(dtype)  # [S, d]
-        w = self.node_weight.to(dtype)  # [N, d]
-        b = self.node_bias.to(dtype) if self.node_bias is not None else None  # [N]
-        leak = c.region_leak if self.training else 0.0
-        # the core layer's descent on the (promoted) node weights: the same routing, to the last bit
-        path_nodes, path_logits, end, routed = tree.route(  # [S, D], [S, D], [S], [S, N] or None
-            x, w, b, c.depth, leak_rate=leak, every_logit=self.needs_every_logit())
-        leaf = end - c.n_nodes  # [S]
-        gate = self.leaf_gate(path_logits)  # [S]
+        agreed = None if self.dispatch.dropless else self._fixed_capacity(S, input.device)
+        # routing in float32 at least (float64 stays float64), as DeepSpeed's gates do: the core layer's router
+        routing = self.router(input)
+        leaf = routing.leaf  # [S]
 
         if used_token is None:  # every token routed: no masking, no copies
             used = None
@@ -176,16 +149,13 @@ class TreeGate(nn.Module):
         capacity = self._agree(*agreed) if agreed is not None else self._dropless_capacity(counts)
         kept = location < capacity if used is None else used & (location < capacity)  # [S]
 
-        all_logits = self.balance_logits(x, routed, leak) if self.training else None  # [S, N] or None
-        if used is None:
-            l_aux, losses = self._losses(path_nodes, path_logits, leaf, all_logits)
-        else:
-            l_aux, losses = self._losses(path_nodes[used], path_logits[used], leaf[used],
-                                         None if all_logits is None else all_logits[used])
+        l_aux, losses = self.router.losses(routing if used is None else routing.select(used))
+        # the statistics read the leaves and path logits only: the record keeps no other tensor alive
+        stats_of = Routing(routing.path_nodes, routing.path_logits.detach(), leaf, routing.gate.detach())
         self.last_record = RoutingRecord(losses, LazyStats(functools.partial(
-            _routing_stats, c, leaf, path_logits.detach(), used, kept, capacity)))
+            _routing_stats, self.router, stats_of, used, kept, capacity)))
 
-        gates = torch.where(kept, gate, 0.0)  # [S]
+        gates = torch.where(kept, routing.gate, 0.0)  # [S]
         if sparse_routes:
             indices = torch.where(kept, leaf, -1).to(torch.int32)  # [S]
             locations = torch.where(kept, location, 0).to(torch.int32)  # [S]
@@ -194,7 +164,7 @@ class TreeGate(nn.Module):
         # dense contract: one-hot (leaf, slot) per kept token
         C = int(capacity)
         slot = torch.where(kept, leaf * C + location, torch.full_like(leaf, L * C))  # [S]; L*C = nowhere
-        combine = torch.zeros(S, L * C + 1, dtype=gates.dtype, device=x.device)
+        combine = torch.zeros(S, L * C + 1, dtype=gates.dtype, device=input.device)
         combine = combine.scatter(1, slot[:, None], gates[:, None])  # [S, L*C + 1]
         dispatch = F.one_hot(slot, L * C + 1).bool()
         return l_aux, combine[:, : L * C].view(S, L, C), dispatch[:, : L * C].view(S, L, C), counts
@@ -209,8 +179,8 @@ class TreeGate(nn.Module):
     def _fixed_capacity(self, S: int, device: torch.device) -> tuple[Tensor, Optional[Work]]:
         """Capacity with token dropping, ``max(ceil(S / L * factor), min_capacity)`` (int64 scalar), and the
         pending max over the expert-parallel group (None on one rank): collected by :meth:`_agree`."""
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        capacity = max(math.ceil(S / self.config.n_leaves * factor), self.min_capacity)
+        factor = self.dispatch.factor(self.training)
+        capacity = max(math.ceil(S / self.config.n_leaves * factor), self.dispatch.min_capacity)
         capacity = torch.tensor(capacity, dtype=torch.int64, device=device)
         if self._ep_world_size() == 1:
             return capacity, None
@@ -231,16 +201,6 @@ class TreeGate(nn.Module):
             torch.distributed.all_reduce(capacity, op=torch.distributed.ReduceOp.MAX, group=self.ep_group)
         return capacity
 
-    def _losses(self, path_nodes: Tensor, path_logits: Tensor, leaf: Tensor,
-                all_logits: Optional[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """The core layer's weighted aux loss and unweighted terms for the routed tokens; zeros in eval."""
-        if not self.training:
-            zero = torch.zeros((), dtype=torch.float32, device=path_logits.device)
-            return zero, {"hardening": zero, "load_balance": zero}
-        # with weight 0 the hardening term only reports: the same value, off the autograd graph
-        harden_on = path_logits.detach() if self.config.hardening == 0 else None
-        return tree_losses(self.config, path_nodes, path_logits, leaf, harden_on=harden_on, all_logits=all_logits)
-
 
 def _arrival_rank(route: Tensor, counts: Tensor) -> Tensor:
     """Rank of each token among the tokens of its group, in token order: route [S] long (groups ``0 ..
@@ -249,3 +209,7 @@ def _arrival_rank(route: Tensor, counts: Tensor) -> Tensor:
     start = counts.cumsum(0) - counts  # first sorted position of each group
     rank_sorted = torch.arange(route.shape[0], device=route.device) - start[grouped]
     return torch.empty_like(route).scatter_(0, order, rank_sorted)
+
+
+def _move_legacy_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    move_legacy_keys(state_dict, prefix)  # a gate written before it held a router: node_weight -> router.node_weight

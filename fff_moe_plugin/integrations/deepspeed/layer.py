@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping
 from typing import Optional
 
@@ -14,12 +13,14 @@ from torch import Tensor, nn
 
 from ...block import BlockOutput
 from ...config import FFFConfig
+from ...dispatch import DispatchConfig, ExpertParallelFFF
 from ...fff import FFF
+from ...leaves import LeafMLP, MasterLeaf
+from ...router import TreeRouter, move_legacy_keys
 from .gate import LazyStats, TreeGate
-from .leaf import FFFLeaf
 
 
-class FFFMoE(MoE):
+class FFFMoE(MoE, ExpertParallelFFF):
     """Fast feedforward tree as a ``deepspeed.moe.layer.MoE`` (Belcak & Wattenhofer, arXiv 2308.14711; master
     leaf and load balancing from eFFF, arXiv 2405.16836).
 
@@ -36,11 +37,17 @@ class FFFMoE(MoE):
     With capacity enough that nothing is dropped, the function equals the core :class:`FFF` in hard mode
     on the same weights (:meth:`from_fff`, :meth:`to_fff`), in training and eval.
 
+    Dispatch: a :class:`~fff_moe_plugin.dispatch.DispatchConfig`, or DeepSpeed's MoE keywords (``ep_size``,
+    ``capacity_factor``, ``eval_capacity_factor``, ``min_capacity``, ``drop_tokens``), converted to one. Parts:
+    ``gate`` (the :class:`TreeGate`, whose ``router`` holds the nodes), the leaves (DeepSpeed's experts, each a
+    :class:`~fff_moe_plugin.leaves.LeafMLP`) and ``master`` (a :class:`~fff_moe_plugin.leaves.MasterLeaf` or
+    None). It implements :class:`~fff_moe_plugin.dispatch.ExpertParallelFFF`.
+
     Use with ``deepspeed.initialize`` (which finds it by ``isinstance(..., MoE)``: parameter groups, ZeRO 0-2,
     per-expert checkpoint files), or standalone::
 
         deepspeed.init_distributed(dist_backend="gloo")
-        layer = FFFMoE(FFFConfig(d_model=64, leaf_width=32, depth=3, train_mode="hard"), ep_size=2)
+        layer = FFFMoE(FFFConfig(d_model=64, leaf_width=32, depth=3, train_mode="hard"), DispatchConfig(ep_size=2))
         layer.set_deepspeed_parallelism()  # creates / joins DeepSpeed's expert-parallel groups
 
     Expert parallelism needs torch.distributed up at construction when ``ep_size > 1`` (the rank picks the
@@ -49,35 +56,31 @@ class FFFMoE(MoE):
     nodes for expert weights.
     """
 
-    def __init__(
-        self,
-        config: FFFConfig,
-        ep_size: int = 1,
-        capacity_factor: float = 1.0,
-        eval_capacity_factor: float = 1.0,
-        min_capacity: int = 4,
-        drop_tokens: bool = True,
-    ) -> None:
-        _check_arguments(config, ep_size, capacity_factor, eval_capacity_factor, min_capacity, drop_tokens)
-        ep_rank = _expected_ep_rank(ep_size)
+    def __init__(self, config: FFFConfig, dispatch: Optional[DispatchConfig] = None, **deepspeed_kwargs) -> None:
+        dispatch = DispatchConfig.resolve(dispatch, "FFFMoE", **deepspeed_kwargs)
+        _check_arguments(config, dispatch)
+        ep_rank = _expected_ep_rank(dispatch.ep_size)
         # the weights are the core layer's draws (same RNG stream), so FFFMoE(config) == FFF(config) under one
         # seed at any ep_size; the full tree exists only for the time of the copy
         core = FFF(config)
-        c = config
-        leaf = FFFLeaf(c.d_model, c.leaf_width, c.d_out, c.activation, c.bias, c.leaf_dropout)
+        c, d = config, dispatch
+        leaf = LeafMLP(c.d_model, c.leaf_width, c.d_out, c.activation, c.bias, c.leaf_dropout)
         super().__init__(
-            hidden_size=c.d_model, expert=leaf, num_experts=c.n_leaves, ep_size=ep_size, k=1,
-            capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
-            use_residual=False, drop_tokens=drop_tokens, use_rts=False,
+            hidden_size=c.d_model, expert=leaf, num_experts=c.n_leaves, ep_size=d.ep_size, k=1,
+            capacity_factor=d.capacity_factor, eval_capacity_factor=d.eval_capacity_factor,
+            min_capacity=d.min_capacity, use_residual=False, drop_tokens=not d.dropless, use_rts=False,
         )
         self.config = config
+        self.dispatch = dispatch
         self.ep_rank = ep_rank
-        self.deepspeed_moe.gate = TreeGate(config, capacity_factor, eval_capacity_factor, min_capacity, drop_tokens)
-        if c.master_leaf:
-            self.master = FFFLeaf(c.d_model, c.master_leaf_width, c.d_out, c.activation, c.bias, c.leaf_dropout)
-            # the blend logit k, shape [1] rather than the core's [] (DeepSpeed's broadcast cannot take 0-dim tensors)
-            self.master_gate = nn.Parameter(torch.zeros(1))
+        self.deepspeed_moe.gate = TreeGate(config, dispatch)
+        # the master leaf's parameters in the order of DeepSpeed's experts, which FFFMoE's checkpoints (optimizer
+        # states by position) were written in
+        self.master = (MasterLeaf(c.d_model, c.master_leaf_width, c.d_out, c.activation, c.bias, c.leaf_dropout,
+                                  parameter_order=LeafMLP.PARAMETER_ORDER) if c.master_leaf else None)
+        self.last: Optional[BlockOutput] = None
         self.load_fff(core)
+        self.register_load_state_dict_pre_hook(_move_legacy_keys)
 
     # -- DeepSpeed plumbing ---------------------------------------------------------------------------
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
@@ -94,50 +97,58 @@ class FFFMoE(MoE):
         return self.deepspeed_moe.gate
 
     @property
+    def router(self) -> TreeRouter:
+        return self.deepspeed_moe.gate.router
+
+    # -- the expert-parallel interface (dispatch.ExpertParallelFFF) ----------------------------------------
+    @property
     def local_leaves(self) -> range:
         """Global indices of the leaves this rank holds."""
         n = self.num_local_experts
         return range(self.ep_rank * n, (self.ep_rank + 1) * n)
 
+    @property
+    def ep_group(self) -> Optional[torch.distributed.ProcessGroup]:
+        """DeepSpeed's expert-parallel group of this layer (None before ``set_deepspeed_parallelism``)."""
+        return self.deepspeed_moe.ep_group
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return list(self.deepspeed_moe.experts.parameters())
+
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, hidden_states: Tensor, used_token: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-        # S tokens, d model width, L leaves; the tree part is DeepSpeed's dispatch -> leaves -> combine
-        d = self.config.d_model
-        if hidden_states.dim() == 0 or hidden_states.shape[-1] != d:
-            raise ValueError(
-                f"FFFMoE expects inputs of shape [..., {d}] (d_model={d}), got {tuple(hidden_states.shape)}"
-            )
-        tree_out = self.deepspeed_moe(hidden_states, used_token)  # [..., d]
-        out = self._blend(hidden_states, tree_out)  # [..., d]
-        return out, self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts
+        out = self.forward_block(hidden_states, used_token)
+        return out.output, self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts
 
     def forward_block(self, x: Tensor, used_token: Optional[Tensor] = None) -> BlockOutput:
-        """The same forward in the package's call shape: ``BlockOutput(output, aux_loss, losses, stats)``;
-        ``stats`` is a read-only mapping, computed when first read (:class:`~.gate.LazyStats`)."""
-        out, l_aux, _ = self.forward(x, used_token)
+        """The forward in the package's call shape: ``BlockOutput(output, aux_loss, losses, stats)``, also kept in
+        ``.last``; ``stats`` is a read-only mapping, computed when first read (:class:`~.gate.LazyStats`)."""
+        # S tokens, d model width, L leaves; the tree part is DeepSpeed's dispatch -> leaves -> combine
+        d = self.config.d_model
+        if x.dim() == 0 or x.shape[-1] != d:
+            raise ValueError(f"FFFMoE expects inputs of shape [..., {d}] (d_model={d}), got {tuple(x.shape)}")
+        tree_out = self.deepspeed_moe(x, used_token)  # [..., d]
+        out = self._blend(x, tree_out)  # [..., d]
         record = self.gate.last_record
         # the blend weight now (the parameter changes at the next step); the rest is computed when first read
-        share = torch.sigmoid(self.master_gate.detach().float())[0] if self.config.master_leaf else None
+        share = self.master.share() if self.master is not None else None
         stats = LazyStats(functools.partial(_block_stats, record.stats, share, out.device))
-        return BlockOutput(out, l_aux.float(), dict(record.losses), stats)
+        self.last = BlockOutput(out, self.deepspeed_moe.l_aux.float(), dict(record.losses), stats)
+        return self.last
 
     def _blend(self, x: Tensor, tree_out: Tensor) -> Tensor:
-        if not self.config.master_leaf:
-            return tree_out
-        m = self.master(x)
-        g = torch.sigmoid(self.master_gate).to(m.dtype)
-        return g * tree_out + (1 - g) * m
+        return tree_out if self.master is None else self.master.blend(x, tree_out)
 
     # -- conversion to and from the core layer -------------------------------------------------------
     @classmethod
-    def from_fff(cls, fff: FFF, ep_size: int = 1, capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0,
-                 min_capacity: int = 4, drop_tokens: bool = True) -> FFFMoE:
+    def from_fff(cls, fff: FFF, dispatch: Optional[DispatchConfig] = None, **deepspeed_kwargs) -> FFFMoE:
         """An FFFMoE with the weights of a core ``FFF`` (this rank's leaves when ``ep_size > 1``)."""
         if not isinstance(fff, FFF):
             raise TypeError(f"from_fff takes a fff_moe_plugin.FFF, got {type(fff).__name__}")
-        layer = cls(fff.config, ep_size, capacity_factor, eval_capacity_factor, min_capacity, drop_tokens)
+        layer = cls(fff.config, dispatch, **deepspeed_kwargs)
         # on the tree's device and dtype first: a float64 tree is copied exactly, a CUDA tree stays on its GPU
-        layer.to(device=fff.node_weight.device, dtype=fff.node_weight.dtype).load_fff(fff)
+        w = fff.router.node_weight
+        layer.to(device=w.device, dtype=w.dtype).load_fff(fff)
         return layer.train(fff.training)
 
     @torch.no_grad()
@@ -152,30 +163,25 @@ class FFFMoE(MoE):
 
     def _shared_pairs(self, fff: FFF) -> list[tuple[Tensor, Tensor]]:
         """(this layer's, the core FFF's) parameter for everything but the leaves: nodes and master leaf."""
-        g = self.gate
-        pairs = [(g.node_weight, fff.node_weight)]
-        if g.node_bias is not None:
-            pairs.append((g.node_bias, fff.node_bias))
-        if self.config.master_leaf:
-            m = self.master
-            pairs += [(m.w1, fff.master_w1), (m.w2, fff.master_w2), (self.master_gate, fff.master_gate)]
-            if m.b1 is not None:
-                pairs += [(m.b1, fff.master_b1), (m.b2, fff.master_b2)]
+        pairs = list(zip(self.router.parameters(), fff.router.parameters()))
+        if self.master is not None:
+            theirs = dict(fff.master.named_parameters())
+            pairs += [(p, theirs[name]) for name, p in self.master.named_parameters()]
         return pairs
 
     @staticmethod
-    def _copy_leaf(leaf: FFFLeaf, fff: FFF, j: int) -> None:
-        leaf.w1.copy_(fff.leaf_w1[j])
-        leaf.w2.copy_(fff.leaf_w2[j])
+    def _copy_leaf(leaf: LeafMLP, fff: FFF, j: int) -> None:
+        leaf.w1.copy_(fff.leaves.w1[j])
+        leaf.w2.copy_(fff.leaves.w2[j])
         if leaf.b1 is not None:
-            leaf.b1.copy_(fff.leaf_b1[j])
-            leaf.b2.copy_(fff.leaf_b2[j])
+            leaf.b1.copy_(fff.leaves.b1[j])
+            leaf.b2.copy_(fff.leaves.b2[j])
 
     @torch.no_grad()
     def to_fff(self) -> FFF:
         """The core FFF with this layer's weights; with ``ep_size > 1`` the leaves are gathered over the
         expert-parallel group (a collective: call it on every rank of the group)."""
-        w = self.gate.node_weight
+        w = self.router.node_weight
         fff = FFF(self.config).to(device=w.device, dtype=w.dtype)
         for mine, theirs in self._shared_pairs(fff):
             theirs.copy_(mine.reshape(theirs.shape))
@@ -185,9 +191,9 @@ class FFFMoE(MoE):
             local = torch.stack([getattr(leaf, name) for leaf in leaves])  # [L / ep_size, ...]
             if self.ep_size > 1:
                 parts = [torch.empty_like(local) for _ in range(self.ep_size)]
-                torch.distributed.all_gather(parts, local.contiguous(), group=self.deepspeed_moe.ep_group)
+                torch.distributed.all_gather(parts, local.contiguous(), group=self.ep_group)
                 local = torch.cat(parts)
-            getattr(fff, f"leaf_{name}").copy_(local)
+            getattr(fff.leaves, name).copy_(local)
         return fff.train(self.training)
 
 
@@ -198,7 +204,7 @@ def _block_stats(stats: Mapping[str, Tensor], master_share: Optional[Tensor],
     return {**stats, "master_gate": share}
 
 
-def _check_arguments(config, ep_size, capacity_factor, eval_capacity_factor, min_capacity, drop_tokens) -> None:
+def _check_arguments(config: FFFConfig, dispatch: DispatchConfig) -> None:
     if not isinstance(config, FFFConfig):
         raise TypeError(f"FFFMoE takes an FFFConfig, got {type(config).__name__}")
     if config.train_mode != "hard":
@@ -209,16 +215,16 @@ def _check_arguments(config, ep_size, capacity_factor, eval_capacity_factor, min
     if config.d_out != config.d_model:
         raise ValueError(f"FFFMoE: d_out = {config.d_out} must equal d_model = {config.d_model} (DeepSpeed's MoE "
                          "maps d_model to d_model)")
-    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1 or config.n_leaves % ep_size:
-        raise ValueError(f"FFFMoE: ep_size = {ep_size!r} is not allowed: must be an integer >= 1 dividing the "
+    if config.n_leaves % dispatch.ep_size:
+        raise ValueError(f"FFFMoE: ep_size = {dispatch.ep_size} is not allowed: must divide the "
                          f"{config.n_leaves} leaves")
-    for name, v in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not v > 0:
-            raise ValueError(f"FFFMoE: {name} = {v!r} is not allowed: must be a finite number > 0")
-    if isinstance(min_capacity, bool) or not isinstance(min_capacity, int) or min_capacity < 0:
-        raise ValueError(f"FFFMoE: min_capacity = {min_capacity!r} is not allowed: must be an integer >= 0")
-    if not isinstance(drop_tokens, bool):
-        raise ValueError(f"FFFMoE: drop_tokens = {drop_tokens!r} is not allowed: must be True or False")
+    if dispatch.dropless_cap is not None:
+        raise ValueError(f"FFFMoE: dropless_cap = {dispatch.dropless_cap} is not allowed: DeepSpeed's dispatch has "
+                         "no capped dropless mode (the tutel backend has)")
+
+
+def _move_legacy_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    move_legacy_keys(state_dict, prefix)  # written before MasterLeaf: master_gate -> master.gate
 
 
 def _expected_ep_rank(ep_size: int) -> int:

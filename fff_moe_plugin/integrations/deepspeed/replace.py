@@ -114,16 +114,16 @@ def build_layer(block: DeepSpeedFFFConfig, cfg: FFFConfig) -> nn.Module:
 
     from .adapter import MoEFeedForward
 
-    knobs = dict(ep_size=block.ep_size, capacity_factor=block.capacity_factor,
-                 eval_capacity_factor=block.eval_capacity_factor, min_capacity=block.min_capacity,
-                 drop_tokens=block.drop_tokens)
+    d = block.dispatch
     if block.router == "topk":
         from deepspeed.moe.layer import MoE
 
-        from .leaf import FFFLeaf
+        from ...leaves import LeafMLP
 
-        leaf = FFFLeaf(cfg.d_model, cfg.leaf_width, cfg.d_out, cfg.activation, cfg.bias, cfg.leaf_dropout)
-        layer = MoE(hidden_size=cfg.d_model, expert=leaf, num_experts=cfg.n_leaves, k=1, use_rts=False, **knobs)
+        leaf = LeafMLP(cfg.d_model, cfg.leaf_width, cfg.d_out, cfg.activation, cfg.bias, cfg.leaf_dropout)
+        layer = MoE(hidden_size=cfg.d_model, expert=leaf, num_experts=cfg.n_leaves, k=1, use_rts=False,
+                    ep_size=d.ep_size, capacity_factor=d.capacity_factor, eval_capacity_factor=d.eval_capacity_factor,
+                    min_capacity=d.min_capacity, drop_tokens=not d.dropless)
         for expert_leaf in layer.deepspeed_moe.experts.deepspeed_experts:
             expert_leaf.reset_parameters()  # DeepSpeed deep-copies one expert; give each its own draw
         return MoEFeedForward(layer, aux_coef=block.load_balance_coef)
@@ -135,7 +135,7 @@ def build_layer(block: DeepSpeedFFFConfig, cfg: FFFConfig) -> nn.Module:
             return _tutel_layer(block, core)
         from .layer import FFFMoE
 
-        return MoEFeedForward(FFFMoE.from_fff(core, **knobs))
+        return MoEFeedForward(FFFMoE.from_fff(core, d))
 
 
 def _tutel_layer(block: DeepSpeedFFFConfig, core: FFF) -> nn.Module:
@@ -150,16 +150,15 @@ def _tutel_layer(block: DeepSpeedFFFConfig, core: FFF) -> nn.Module:
     from .adapter import MoEFeedForward
     from .tutel_moe import TutelFFFMoE
 
-    capacity_factor = block.capacity_factor if block.drop_tokens else 0.0  # Tutel's 0 is dropless
     if not (dist.is_available() and dist.is_initialized()):
         if block.ep_size > 1:
             raise ValueError(f'"fff_moe" block: ep_size = {block.ep_size} needs torch.distributed initialised before '
                              "the replacement (fff_moe_plugin.deepspeed.initialize does it)")
         # one process and no engine to tell apart expert parameters: the plain layer holds all leaves
-        return MoEFeedForward(TutelFFF.from_fff(core, capacity_factor=capacity_factor))
+        return MoEFeedForward(TutelFFF.from_fff(core, block.dispatch))
     # under torch.distributed, as a DeepSpeed MoE layer on DeepSpeed's expert-parallel group, at every ep_size:
     # the engine reduces the leaves' gradients over the expert-data-parallel group and checkpoints them per leaf
-    return MoEFeedForward(TutelFFFMoE.from_fff(core, ep_size=block.ep_size, capacity_factor=capacity_factor))
+    return MoEFeedForward(TutelFFFMoE.from_fff(core, block.dispatch))
 
 
 def apply_replacements(model: nn.Module, block: DeepSpeedFFFConfig, plan: list[Replacement]) -> list[Replacement]:

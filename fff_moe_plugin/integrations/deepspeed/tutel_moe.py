@@ -26,19 +26,17 @@ from torch import Tensor, nn
 
 from ...block import BlockOutput
 from ...config import FFFConfig
+from ...dispatch import DispatchConfig, ExpertParallelFFF
 from ...fff import FFF
+from ...router import move_legacy_keys
 
 # FFFMoE's name for each of TutelFFF's replicated parameters
 _SHARED_NAMES = {
-    "tutel.moe.gates.0.node_weight": "deepspeed_moe.gate.node_weight",
-    "tutel.moe.gates.0.node_bias": "deepspeed_moe.gate.node_bias",
-    "tutel.master_w1": "master.w1",
-    "tutel.master_b1": "master.b1",
-    "tutel.master_w2": "master.w2",
-    "tutel.master_b2": "master.b2",
-    "tutel.master_gate": "master_gate",
+    "tutel.moe.gates.0.router.node_weight": "deepspeed_moe.gate.router.node_weight",
+    "tutel.moe.gates.0.router.node_bias": "deepspeed_moe.gate.router.node_bias",
+    **{f"tutel.master.{p}": f"master.{p}" for p in ("w1", "b1", "w2", "b2", "gate")},
 }
-# Tutel's batched leaf tensor -> (FFFLeaf's name, transposed): Tutel keeps fc1 as [E, l, d], FFFLeaf w1 as [d, l]
+# Tutel's batched leaf tensor -> (LeafMLP's name, transposed): Tutel keeps fc1 as [E, l, d], LeafMLP w1 as [d, l]
 _LEAF_NAMES = {
     "tutel.moe.experts.batched_fc1_w": ("w1", True),
     "tutel.moe.experts.batched_fc1_bias": ("b1", False),
@@ -54,7 +52,7 @@ _COUNT_BUFFER = "tutel.moe._num_global_experts"
 _CONFIG_RECORD = "tutel._extra_state"
 
 
-class TutelFFFMoE(MoE):
+class TutelFFFMoE(MoE, ExpertParallelFFF):
     """Fast feedforward tree (Belcak & Wattenhofer, arXiv 2308.14711) on Tutel's dispatch (arXiv 2206.03382),
     registered with DeepSpeed as an MoE layer whose experts are the tree's leaves.
 
@@ -68,27 +66,26 @@ class TutelFFFMoE(MoE):
     missing, DeepSpeed's default layout: consecutive ranks), so rank r of it holds leaves ``r * L/ep_size ...``
     as DeepSpeed's MoE does. Leaf parameters carry ``allreduce = False`` and ``group_name``: the engine sums
     their gradients over the expert-data-parallel group and divides by the data-parallel world size, exactly
-    as for DeepSpeed's own experts. ``capacity_factor`` is Tutel's (0: dropless; see ``TutelFFF``).
+    as for DeepSpeed's own experts. ``dispatch`` is a :class:`~fff_moe_plugin.dispatch.DispatchConfig` (default:
+    dropless; Tutel's capacity has no minimum, so a capped one needs ``min_capacity=0``).
 
     Build it after ``deepspeed.init_distributed`` when ``ep_size > 1`` (every rank of the world, same order:
     process groups are created collectively). The module's path in a model must not contain "expert".
     """
 
-    def __init__(
-        self,
-        config: FFFConfig,
-        ep_size: int = 1,
-        capacity_factor: float = 0.0,
-        *,
-        init_from: Optional[FFF] = None,
-    ) -> None:
+    def __init__(self, config: FFFConfig, dispatch: Optional[DispatchConfig] = None, *,
+                 init_from: Optional[FFF] = None) -> None:
         from ..tutel import TutelFFF  # needs Tutel; the ImportError says how to build it
 
         if not isinstance(config, FFFConfig):
             raise TypeError(f"TutelFFFMoE takes an FFFConfig, got {type(config).__name__}")
-        if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1 or config.n_leaves % ep_size:
-            raise ValueError(f"TutelFFFMoE: ep_size = {ep_size!r} is not allowed: must be an integer >= 1 dividing "
-                             f"the {config.n_leaves} leaves")
+        dispatch = DispatchConfig(dropless=True, min_capacity=0) if dispatch is None else dispatch
+        if not isinstance(dispatch, DispatchConfig):
+            raise TypeError(f"TutelFFFMoE: dispatch must be a DispatchConfig, got {type(dispatch).__name__}")
+        ep_size = dispatch.ep_size
+        if config.n_leaves % ep_size:
+            raise ValueError(f"TutelFFFMoE: ep_size = {ep_size!r} is not allowed: must divide the {config.n_leaves} "
+                             "leaves")
         if config.d_out != config.d_model:
             raise ValueError(f"TutelFFFMoE: d_out = {config.d_out} must equal d_model = {config.d_model} "
                              "(a DeepSpeed MoE layer maps d_model to d_model)")
@@ -102,7 +99,7 @@ class TutelFFFMoE(MoE):
         self.use_residual = False
         self.enable_expert_tensor_parallelism = False
         self.config = config
-        self.last: Optional[BlockOutput] = None
+        self.dispatch = dispatch
 
         name = self.expert_group_name
 
@@ -110,12 +107,8 @@ class TutelFFFMoE(MoE):
             param.allreduce = False  # deepspeed.moe.utils.is_moe_param
             param.group_name = name
 
-        self.tutel = TutelFFF(config, capacity_factor, _expert_parallel_group(ep_size), scan_expert_func=tag,
+        self.tutel = TutelFFF(config, dispatch, _expert_parallel_group(ep_size), scan_expert_func=tag,
                               init_from=init_from)
-        if config.master_leaf:
-            # DeepSpeed's engine broadcasts every parameter as bytes (p.view(torch.uint8)), which a 0-dim tensor
-            # cannot do: the blend logit is kept as [1], as FFFMoE keeps it
-            self.tutel.master_gate = nn.Parameter(self.tutel.master_gate.detach().reshape(1))
         self.register_state_dict_post_hook(_to_deepspeed_layout)
         self.register_load_state_dict_pre_hook(_from_deepspeed_layout)
 
@@ -136,10 +129,23 @@ class TutelFFFMoE(MoE):
             raise ValueError(f"TutelFFFMoE: Tutel dispatches over another process group than DeepSpeed's "
                              f"{self.expert_group_name!r}; build the layer after deepspeed.init_distributed(...)")
 
+    # -- the expert-parallel interface (dispatch.ExpertParallelFFF) ----------------------------------------
     @property
     def local_leaves(self) -> range:
         """Global indices of the leaves this rank holds."""
         return self.tutel.local_leaves
+
+    @property
+    def ep_group(self) -> Optional[dist.ProcessGroup]:
+        return self.tutel.ep_group
+
+    @property
+    def last(self) -> Optional[BlockOutput]:
+        """The BlockOutput of the last forward."""
+        return self.tutel.last
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return self.tutel.expert_parameters()
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, hidden_states: Tensor, used_token: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -151,16 +157,15 @@ class TutelFFFMoE(MoE):
     def forward_block(self, x: Tensor) -> BlockOutput:
         """The forward in the package's call shape: ``BlockOutput(output, aux_loss, losses, stats)``."""
         # S tokens, d model width; gate -> dispatch -> leaves -> combine are Tutel's, see TutelFFF.forward
-        self.last = self.tutel(x)  # output [..., d]
-        return self.last
+        return self.tutel.forward_block(x)  # output [..., d]
 
     # -- conversion to and from the core layer -------------------------------------------------------
     @classmethod
-    def from_fff(cls, fff: FFF, ep_size: int = 1, capacity_factor: float = 0.0) -> TutelFFFMoE:
+    def from_fff(cls, fff: FFF, dispatch: Optional[DispatchConfig] = None) -> TutelFFFMoE:
         """A TutelFFFMoE with the weights of a core ``FFF`` (this rank's leaves when ``ep_size > 1``)."""
         if not isinstance(fff, FFF):
             raise TypeError(f"from_fff takes a fff_moe_plugin.FFF, got {type(fff).__name__}")
-        layer = cls(fff.config, ep_size, capacity_factor, init_from=fff).to(fff.node_weight.dtype)
+        layer = cls(fff.config, dispatch, init_from=fff).to(fff.router.node_weight.dtype)
         return layer.train(fff.training)
 
     def load_fff(self, fff: FFF) -> None:
@@ -211,6 +216,8 @@ def _to_deepspeed_layout(module: TutelFFFMoE, state: dict[str, Any], prefix: str
 def _from_deepspeed_layout(module: TutelFFFMoE, state: dict[str, Any], prefix: str, _metadata: Any, strict: bool,
                            _missing: list[str], _unexpected: list[str], error_msgs: list[str]) -> None:
     """load_state_dict pre-hook: FFFMoE's names -> Tutel's (the inverse of :func:`_to_deepspeed_layout`)."""
+    move_legacy_keys(state, prefix + "deepspeed_moe.gate.")  # FFFMoE's layout before the gate held a router
+    move_legacy_keys(state, prefix)  # and before MasterLeaf
     for tutel_name, ds_name in _SHARED_NAMES.items():
         if prefix + ds_name in state:
             state[prefix + tutel_name] = state.pop(prefix + ds_name)

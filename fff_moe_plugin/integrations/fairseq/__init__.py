@@ -15,7 +15,7 @@ USER_DIR_NAME = "fff_moe_fairseq"
 
 def user_dir() -> str:
     """Path of the folder to give fairseq's ``--user-dir``."""
-    return str(Path(__file__).resolve().parent / "user_dir" / USER_DIR_NAME)
+    return str(Path(__file__).resolve().parent / "fairseq_user_dir" / USER_DIR_NAME)
 
 
 def require_fairseq() -> None:

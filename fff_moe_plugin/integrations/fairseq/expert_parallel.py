@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ...router import current_key
 from .sharded import ShardedFFF, gathering
 
 LEGACY_DDP = ("legacy_ddp", "no_c10d")
@@ -191,12 +192,20 @@ def _gather_optimizer_state(trainer, blocks) -> list[dict[str, dict]]:
 
 def _check_saved_ep_size(filename: str, blocks) -> None:
     """Refuse to resume the leaves' optimizer state at another ep size (the number of leaf tensors per rank, and
-    so the optimizer's parameter groups, differ); read before fairseq's own load, which would fail obscurely."""
+    so the optimizer's parameter groups, differ), or in an order it was not written in; read before fairseq's own
+    load, which would fail obscurely."""
     import os
 
     if not os.path.isfile(filename):
         return
     state = torch.load(filename, map_location="cpu", mmap=True, weights_only=False)
+    legacy = any(current_key(k) != k for k in state.get("model", {}))
+    if legacy and state.get("last_optimizer_state") and any(
+            b.spec.backend == "deepspeed" and b.config.master_leaf for _, b in blocks):
+        raise ValueError(
+            f"{filename} was written before the tree's router and master leaf were modules: with --fff-backend "
+            "deepspeed and a master leaf the optimizer state holds the parameters in another order; resume it with "
+            "--reset-optimizer (the weights load)")
     saved = state.get("extra_state", {}).get("fff_moe")
     ep_size = blocks[0][1].spec.ep_size
     if saved and "expert_optimizer_state" in saved and saved["ep_size"] != ep_size:
@@ -239,9 +248,7 @@ def leaf_norm(leaves: list[torch.Tensor], block: ShardedFFF, replicated_norm: to
 
 
 def _ep_group(block: ShardedFFF):
-    if block.spec.backend == "deepspeed":
-        return block.inner.deepspeed_moe.ep_group
-    return block.inner.moe.group
+    return block.ep_group
 
 
 def _ep_rank(block: ShardedFFF) -> int:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ...config import MAX_DEPTH, BlockConfig, DenseConfig, FFFConfig, PKMConfig, SigmaMoEConfig, UltraFastConfig
+from ...dispatch import MIN_CAPACITY, DispatchConfig
 from ...matching import match_fff, match_path_neuron, match_pkm, match_sigma_moe
 from .sharded import BACKENDS, ShardSpec, world
 
@@ -356,7 +357,14 @@ def shard_spec(args: Any, family: Family) -> ShardSpec | None:
                          "sharded backends dispatch leaf MLPs (leaf_mlp); path_neuron trains with --fff-backend core")
     if ep_size is None:
         ep_size = world()[0]
-    return ShardSpec(str(backend), ep_size, capacity)
+    if backend == "deepspeed" and capacity < 0:
+        raise ValueError(f"--fff-capacity-factor {capacity} is not allowed with --fff-backend deepspeed: must be 0 "
+                         "(dropless) or > 0 (capped); a negative value is Tutel's dropless-up-to-|c|")
+    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"--fff-ep-size {ep_size!r} is not allowed: must be an integer >= 1")
+    # the flags' convention (0 = dropless), converted once; Tutel's capacity has no minimum
+    dispatch = DispatchConfig.from_capacity(capacity, ep_size, min_capacity=MIN_CAPACITY[str(backend)])
+    return ShardSpec(str(backend), dispatch)
 
 
 def counts_size(config: BlockConfig) -> int:

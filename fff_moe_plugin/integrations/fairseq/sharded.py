@@ -15,8 +15,8 @@
   than one rank. The result is the gradient of the data-parallel run with the whole tree on every rank.
   fairseq's gradient clipping would leave the tagged leaves out of the norm; the plugin's trainer hook
   (``expert_parallel``) counts them, so clipping too acts as in the data-parallel run.
-- **Checkpoints.** The state dict is the core :class:`~fff_moe_plugin.fff.FFF`'s (``node_weight``,
-  ``leaf_w1`` ``[L, d, l]``, ...), the leaves gathered from the expert-parallel group, so a checkpoint does not
+- **Checkpoints.** The state dict is the core :class:`~fff_moe_plugin.fff.FFF`'s (``router.node_weight``,
+  ``leaves.w1`` ``[L, d, l]``, ...), the leaves gathered from the expert-parallel group, so a checkpoint does not
   depend on the backend or ``ep_size``: ``fairseq-eval-lm``, sampling and the hub load it in one process.
   Gathering is a collective: with ``ep_size > 1`` the state dict must be taken on every rank of the group
   inside :func:`gathering` (the plugin's trainer hooks do it, see ``expert_parallel``). Loading takes the
@@ -39,7 +39,9 @@ from torch import Tensor, nn
 
 from ...block import BlockOutput, FeedForwardBlock
 from ...config import FFFConfig
+from ...dispatch import DispatchConfig
 from ...fff import FFF
+from ...router import move_legacy_keys
 
 BACKENDS = ("core", "deepspeed", "tutel")
 
@@ -59,17 +61,16 @@ def gathering() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """How the FFF blocks of a model are dispatched: backend, expert-parallel size, capacity factor.
-
-    ``capacity_factor`` 0 is dropless (every leaf takes all the tokens routed to it, the core layer's
-    function); c > 0 caps each leaf at about ``c * tokens / leaves`` tokens per rank and drops the rest
-    (their tree output is zero; the master leaf, if any, still runs). Negative values are Tutel's "dropless up
-    to |c|" and only valid with the tutel backend.
-    """
+    """How the FFF blocks of a model are dispatched: the backend, and its
+    :class:`~fff_moe_plugin.dispatch.DispatchConfig` (``--fff-ep-size`` and ``--fff-capacity-factor``, converted
+    once by ``flags.shard_spec``)."""
 
     backend: str
-    ep_size: int
-    capacity_factor: float = 0.0
+    dispatch: DispatchConfig
+
+    @property
+    def ep_size(self) -> int:
+        return self.dispatch.ep_size
 
 
 def world() -> tuple[int, int]:
@@ -127,15 +128,7 @@ class ShardedFFF(FeedForwardBlock):
         # the core layer's draws from the global RNG; the backend's own initialisation is forked off it
         core = FFF(config)
         with torch.random.fork_rng(devices=[]):
-            if spec.backend == "deepspeed":
-                self.inner = _deepspeed_layer(config, spec)
-                self.inner.load_fff(core)
-                dp_group = _deepspeed_dp_group(self.inner)
-            else:
-                from ..tutel import TutelFFF
-
-                ep_group, dp_group = tutel_groups(spec.ep_size)
-                self.inner = TutelFFF(config, spec.capacity_factor, ep_group, init_from=core)
+            self.inner, dp_group = _BUILDERS[spec.backend](config, spec.dispatch, core)
         dp_size = size // spec.ep_size
         for p in self.expert_parameters():
             p.expert = True  # legacy_ddp leaves it out of its all-reduce (the trainer hook counts it in the clip norm)
@@ -146,19 +139,19 @@ class ShardedFFF(FeedForwardBlock):
 
     def expert_parameters(self) -> list[nn.Parameter]:
         """This rank's leaf parameters (sharded; every other parameter is replicated)."""
-        if self.spec.backend == "deepspeed":
-            return list(self.inner.deepspeed_moe.experts.parameters())
-        return list(self.inner.moe.experts.parameters())
+        return self.inner.expert_parameters()
 
     @property
     def local_leaves(self) -> range:
         return self.inner.local_leaves
 
+    @property
+    def ep_group(self) -> Optional[dist.ProcessGroup]:
+        return self.inner.ep_group
+
     def forward(self, x: Tensor) -> BlockOutput:
         # T time, B batch, d model width: x [T, B, d] (any leading axes) -> output of the same shape
-        if self.spec.backend == "deepspeed":
-            return self.inner.forward_block(x)
-        return self.inner(x)
+        return self.inner.forward_block(x)
 
     @torch.no_grad()
     def to_fff(self) -> FFF:
@@ -168,34 +161,27 @@ class ShardedFFF(FeedForwardBlock):
 
     def extra_repr(self) -> str:
         leaves = self.local_leaves
-        return (f"backend={self.spec.backend}, ep_size={self.spec.ep_size}, capacity_factor="
-                f"{self.spec.capacity_factor}, leaves {leaves.start}..{leaves.stop - 1} of {self.config.n_leaves}")
+        return (f"backend={self.spec.backend}, {self.spec.dispatch}, leaves {leaves.start}..{leaves.stop - 1} of "
+                f"{self.config.n_leaves}")
+
+
+# the flag that sets each DispatchConfig field, to name it in refusals
+_FLAGS = {"ep_size": "--fff-ep-size", "capacity_factor": "--fff-capacity-factor"}
 
 
 def check_spec(config: FFFConfig, spec: ShardSpec) -> None:
     """Refuse what the sharded backends cannot do, naming the flag (before any weight is allocated)."""
-    if spec.backend not in BACKENDS[1:]:
+    if spec.backend not in _BUILDERS:
         raise ValueError(f"--fff-backend {spec.backend!r} is not allowed here: ShardedFFF takes deepspeed or tutel")
     size, _ = world()
-    ep = spec.ep_size
-    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
-        raise ValueError(f"--fff-ep-size {ep!r} is not allowed: must be an integer >= 1")
-    if size % ep:
-        raise ValueError(f"--fff-ep-size {ep} is not allowed: must divide the number of ranks ({size})")
-    if config.n_leaves % ep:
-        raise ValueError(f"--fff-ep-size {ep} is not allowed: must divide the {config.n_leaves} leaves of "
-                         f"--fff-depth {config.depth}")
-    if spec.backend == "tutel" and ep not in (1, size):
-        raise ValueError(f"--fff-ep-size {ep} is not allowed with --fff-backend tutel: must be 1 or the number of "
-                         f"ranks ({size}); Tutel runs the backward of its all-to-all on all ranks whatever the group, "
-                         "so the leaves cannot be shared by a part of them (--fff-backend deepspeed can)")
-    c = spec.capacity_factor
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or c != c or abs(c) == float("inf"):
-        raise ValueError(f"--fff-capacity-factor {c!r} is not allowed: must be a finite number (0 = dropless)")
+    try:
+        spec.dispatch.check(config.n_leaves, size, spec.backend)
+    except ValueError as e:
+        message = str(e)
+        for field, flag in _FLAGS.items():
+            message = message.replace(f"DispatchConfig.{field} = ", f"{flag} ")
+        raise ValueError(message) from None
     if spec.backend == "deepspeed":
-        if c < 0:
-            raise ValueError(f"--fff-capacity-factor {c} is not allowed with --fff-backend deepspeed: must be 0 "
-                             "(dropless) or > 0 (capped)")
         if config.train_mode != "hard":
             raise ValueError(f"--fff-train-mode {config.train_mode} is not allowed with --fff-backend deepspeed: "
                              "must be hard (one leaf per token); soft training runs every leaf for every token")
@@ -206,27 +192,34 @@ def check_spec(config: FFFConfig, spec: ShardSpec) -> None:
         raise ValueError(f"--fff-backend {spec.backend} maps d_model to d_model (d_out = {config.d_out})")
 
 
-def _deepspeed_layer(config: FFFConfig, spec: ShardSpec):
+def _deepspeed_layer(config: FFFConfig, dispatch: DispatchConfig, core: FFF):
+    """(DeepSpeed's FFFMoE holding ``core``'s weights, its expert-data-parallel group)."""
     try:
         import deepspeed
     except ImportError as e:
         raise ImportError("--fff-backend deepspeed needs DeepSpeed: pip install 'fff-moe-plugin[deepspeed]'") from e
+    from deepspeed.utils import groups
+
     from ..deepspeed.layer import FFFMoE
 
     # DeepSpeed's communication layer over the process group fairseq already created
     deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
-    dropless = spec.capacity_factor == 0
-    factor = 1.0 if dropless else float(spec.capacity_factor)
-    layer = FFFMoE(config, ep_size=spec.ep_size, capacity_factor=factor, eval_capacity_factor=factor,
-                   drop_tokens=not dropless)
+    layer = FFFMoE(config, dispatch)
     layer.set_deepspeed_parallelism()
-    return layer
+    layer.load_fff(core)
+    return layer, groups._get_expert_data_parallel_group(layer.expert_group_name)
 
 
-def _deepspeed_dp_group(layer):
-    from deepspeed.utils import groups
+def _tutel_layer(config: FFFConfig, dispatch: DispatchConfig, core: FFF):
+    """(Tutel's TutelFFF holding ``core``'s weights, its expert-data-parallel group)."""
+    from ..tutel import TutelFFF
 
-    return groups._get_expert_data_parallel_group(layer.expert_group_name)
+    ep_group, dp_group = tutel_groups(dispatch.ep_size)
+    return TutelFFF(config, dispatch, ep_group, init_from=core), dp_group
+
+
+# how each backend builds its layer (an ExpertParallelFFF) and finds the leaves' expert-data-parallel group
+_BUILDERS = {"deepspeed": _deepspeed_layer, "tutel": _tutel_layer}
 
 
 def _save_core_format(module: ShardedFFF, state_dict: dict, prefix: str, local_metadata) -> None:
@@ -254,12 +247,13 @@ def _load_core_format(module: ShardedFFF, state_dict: dict, prefix: str, local_m
 
     The block's config record ``<prefix>_extra_state`` stays: this module checks it against its own config (a
     state dict written before configs travelled with the weights has none and loads unchecked)."""
-    if prefix + "node_weight" not in state_dict:
+    move_legacy_keys(state_dict, prefix)  # a core-format state written before the router and master-leaf modules
+    if prefix + "router.node_weight" not in state_dict:
         return  # the backend's own keys: loaded as they are
     extra = prefix + "_extra_state"
-    core_keys = [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):] and k != extra]
     with torch.device("meta"):
         fff = FFF(module.config)
+    core_keys = [prefix + k for k in fff.state_dict() if prefix + k in state_dict and k != "_extra_state"]
     own = {k[len(prefix):]: state_dict[k] for k in core_keys}
     if extra in state_dict:
         own["_extra_state"] = state_dict[extra]

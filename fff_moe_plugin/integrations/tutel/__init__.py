@@ -20,7 +20,7 @@ try:
 except ImportError as e:  # only a missing or broken Tutel lands here
     raise ImportError(INSTALL_MESSAGE) from e
 
-from .gate import TreeRoute, TutelTreeGate  # noqa: E402
+from .gate import TutelTreeGate  # noqa: E402
 from .layer import TutelFFF  # noqa: E402
 
-__all__ = ["TutelFFF", "TutelTreeGate", "TreeRoute", "INSTALL_MESSAGE"]
+__all__ = ["TutelFFF", "TutelTreeGate", "INSTALL_MESSAGE"]

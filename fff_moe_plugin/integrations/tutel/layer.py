@@ -21,8 +21,10 @@ from tutel import moe as tutel_moe
 from ...activations import activation_fn
 from ...block import BlockOutput, FeedForwardBlock
 from ...config import FFFConfig
+from ...dispatch import DispatchConfig, ExpertParallelFFF
 from ...fff import FFF
-from ...losses import tree_losses, tree_stats
+from ...leaves import MasterLeaf
+from ...router import TreeRouter, move_legacy_keys
 from .gate import TutelTreeGate
 
 
@@ -37,6 +39,31 @@ def _tag_leaf(name: str, param: nn.Parameter) -> None:
     param.expert = True
 
 
+def _dispatch(dispatch: DispatchConfig | None, capacity_factor: float | None, W: int) -> DispatchConfig:
+    """The layer's DispatchConfig: given, or from Tutel's capacity factor (0 dropless, c > 0 capped, c < 0 dropless up
+    to |c|; neither given: dropless), on a group of W ranks."""
+    if dispatch is None:
+        c = 0.0 if capacity_factor is None else capacity_factor
+        try:
+            return DispatchConfig.from_capacity(c, ep_size=W, min_capacity=0)
+        except ValueError:
+            raise ValueError(f"TutelFFF: capacity_factor = {c!r} is not allowed: a finite number is required "
+                             "(0 = dropless, > 0 = capped, < 0 = dropless up to that cap)") from None
+    if capacity_factor is not None:
+        raise TypeError("TutelFFF: give either a DispatchConfig or Tutel's capacity_factor, not both")
+    if not isinstance(dispatch, DispatchConfig):
+        raise TypeError(f"TutelFFF: dispatch must be a DispatchConfig or Tutel's capacity factor (a number), got "
+                        f"{type(dispatch).__name__}")
+    if dispatch.ep_size != W:
+        raise ValueError(f"TutelFFF: the DispatchConfig's ep_size = {dispatch.ep_size} differs from the size of the "
+                         f"process group ({W})")
+    return dispatch
+
+
+def _move_legacy_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    move_legacy_keys(state_dict, prefix)  # written before MasterLeaf: master_w1 -> master.w1, ...
+
+
 def _world(group) -> tuple[int, int]:
     """(size, rank) of the expert-parallel group; (1, 0) without torch.distributed."""
     if not dist.is_available() or not dist.is_initialized():
@@ -44,7 +71,7 @@ def _world(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-class TutelFFF(FeedForwardBlock):
+class TutelFFF(FeedForwardBlock, ExpertParallelFFF):
     """Fast feedforward tree (Belcak & Wattenhofer, arXiv 2308.14711; master leaf and load balancing of eFFF,
     arXiv 2405.16836) whose dispatch, all-to-all and combine are Tutel's (arXiv 2206.03382).
 
@@ -76,26 +103,17 @@ class TutelFFF(FeedForwardBlock):
 
     config_class = FFFConfig
 
-    # the core layer's master-leaf blend, bound to this module (it reads config, act, master_*, training)
-    master = FFF.master
-
     def __init__(
         self,
         config: FFFConfig,
-        capacity_factor: float = 0.0,
+        dispatch: DispatchConfig | None = None,
         group: dist.ProcessGroup | None = None,
         *,
+        capacity_factor: float | None = None,
         scan_expert_func: Callable[[str, nn.Parameter], None] | None = None,
         init_from: FFF | None = None,
     ):
         super().__init__(config)
-        if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or not math.isfinite(
-            capacity_factor
-        ):
-            raise ValueError(
-                f"TutelFFF: capacity_factor = {capacity_factor!r} is not allowed: a finite number is required "
-                "(0 = dropless, > 0 = capped, < 0 = dropless up to that cap)"
-            )
         c = config
         if c.d_model % 2:
             raise ValueError(f"TutelFFF: d_model = {c.d_model} is not allowed: Tutel's dispatch needs an even width")
@@ -114,47 +132,53 @@ class TutelFFF(FeedForwardBlock):
                 f"sharded over the ranks, so the number of leaves must be a multiple of the group size "
                 f"(use depth >= {math.ceil(math.log2(W))} with a power-of-two group)"
             )
+        self.dispatch = _dispatch(dispatch, capacity_factor, W)
+        self.dispatch.check(c.n_leaves, world, "tutel")
         if init_from is not None and (not isinstance(init_from, FFF) or init_from.config != config):
             raise ValueError("TutelFFF: init_from must be an FFF with the same config")
-        self.capacity_factor = float(capacity_factor)
+        # NOTE: the initial values are a core FFF's, so that TutelFFF(config) under a seed equals FFF(config)
+        # under that seed on every rank: they are drawn first, and the modules built below draw on a fork of the
+        # RNG; the full tree exists for a moment on each rank while it is sliced.
+        core = init_from if init_from is not None else FFF(config)
         self.world_size, self.rank = W, rank
-        self.act = activation_fn(c.activation)
 
         def scan(name: str, param: nn.Parameter) -> None:
             _tag_leaf(name, param)
             if scan_expert_func is not None:
                 scan_expert_func(name, param)
 
-        self.moe = tutel_moe.moe_layer(
-            gate_type={"type": "custom", "module": TutelTreeGate, "config": c, "capacity_factor": capacity_factor},
-            model_dim=c.d_model,
-            experts={
-                "type": "ffn",
-                "num_experts_per_device": c.n_leaves // W,
-                "hidden_size_per_expert": c.leaf_width,
-                "output_dim": c.d_out,
-                "activation_fn_with_self": functools.partial(_leaf_hidden, c.activation, c.leaf_dropout),
-                "has_fc1_bias": c.bias,
-                "has_fc2_bias": c.bias,
-            },
-            scan_expert_func=scan,
-            group=group,
-        )
-        if c.master_leaf:
-            d, m, o = c.d_model, c.master_leaf_width, c.d_out
-            self.master_w1 = nn.Parameter(torch.zeros(d, m))
-            self.master_b1 = nn.Parameter(torch.zeros(m)) if c.bias else None
-            self.master_w2 = nn.Parameter(torch.zeros(m, o))
-            self.master_b2 = nn.Parameter(torch.zeros(o)) if c.bias else None
-            self.master_gate = nn.Parameter(torch.zeros(()))
-        # NOTE: the initial values are a core FFF's, so that TutelFFF(config) under a seed equals FFF(config)
-        # under that seed on every rank; the full tree exists for a moment on each rank while it is sliced.
-        self.load_fff(init_from if init_from is not None else FFF(config))
+        with torch.random.fork_rng(devices=[]):
+            # the master leaf first: its parameters come first, as in checkpoints (optimizer states by position)
+            # written before it was a module
+            self.master = (MasterLeaf(c.d_model, c.master_leaf_width, c.d_out, c.activation, c.bias, c.leaf_dropout)
+                           if c.master_leaf else None)
+            self.moe = tutel_moe.moe_layer(
+                gate_type={"type": "custom", "module": TutelTreeGate, "config": c, "dispatch": self.dispatch},
+                model_dim=c.d_model,
+                experts={
+                    "type": "ffn",
+                    "num_experts_per_device": c.n_leaves // W,
+                    "hidden_size_per_expert": c.leaf_width,
+                    "output_dim": c.d_out,
+                    "activation_fn_with_self": functools.partial(_leaf_hidden, c.activation, c.leaf_dropout),
+                    "has_fc1_bias": c.bias,
+                    "has_fc2_bias": c.bias,
+                },
+                scan_expert_func=scan,
+                group=group,
+            )
+        self.last: BlockOutput | None = None
+        self.load_fff(core)
+        self.register_load_state_dict_pre_hook(_move_legacy_keys)
 
-    # -- parts --------------------------------------------------------------------------------------------
+    # -- parts and the expert-parallel interface (dispatch.ExpertParallelFFF) ----------------------------
     @property
     def gate(self) -> TutelTreeGate:
         return self.moe.gates[0]
+
+    @property
+    def router(self) -> TreeRouter:
+        return self.moe.gates[0].router
 
     @property
     def local_leaves(self) -> range:
@@ -162,54 +186,62 @@ class TutelFFF(FeedForwardBlock):
         n = self.config.n_leaves // self.world_size
         return range(self.rank * n, (self.rank + 1) * n)
 
+    @property
+    def ep_group(self) -> dist.ProcessGroup | None:
+        """Tutel's process group (None: the whole world, or one process)."""
+        return self.moe.group
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return list(self.moe.experts.parameters())
+
+    def forward_block(self, x: Tensor) -> BlockOutput:
+        """:meth:`forward`, its output also kept in ``.last``."""
+        self.last = self(x)
+        return self.last
+
     # -- conversion ---------------------------------------------------------------------------------------
     @classmethod
     def from_fff(
-        cls, fff: FFF, capacity_factor: float = 0.0, group: dist.ProcessGroup | None = None, **kwargs
+        cls, fff: FFF, dispatch: DispatchConfig | None = None, group: dist.ProcessGroup | None = None, **kwargs
     ) -> TutelFFF:
         """A TutelFFF with the weights of a core FFF (this rank keeps its share of the leaves)."""
-        dtype = fff.node_weight.dtype
-        return cls(fff.config, capacity_factor, group, init_from=fff, **kwargs).to(dtype)
+        dtype = fff.router.node_weight.dtype
+        return cls(fff.config, dispatch, group, init_from=fff, **kwargs).to(dtype)
+
+    def _shared_pairs(self, fff: FFF) -> list[tuple[Tensor, Tensor]]:
+        """(this layer's, the core FFF's) parameter for everything but the leaves: nodes and master leaf."""
+        pairs = list(zip(self.router.parameters(), fff.router.parameters()))
+        if self.master is not None:
+            pairs += list(zip(self.master.parameters(), fff.master.parameters()))
+        return pairs
 
     @torch.no_grad()
     def load_fff(self, fff: FFF) -> None:
         """Copy a core FFF's weights in: nodes and master leaf whole, the leaves of this rank."""
         if not isinstance(fff, FFF) or fff.config != self.config:
             raise ValueError("TutelFFF.load_fff needs an FFF with the same config")
-        self.gate.node_weight.copy_(fff.node_weight)
-        if fff.node_bias is not None:
-            self.gate.node_bias.copy_(fff.node_bias)
+        for mine, theirs in self._shared_pairs(fff):
+            mine.copy_(theirs)
         mine = slice(self.local_leaves.start, self.local_leaves.stop)
         e = self.moe.experts
-        e.batched_fc1_w.copy_(fff.leaf_w1[mine].transpose(1, 2))  # Tutel keeps fc1 as [E, l, d]
-        e.batched_fc2_w.copy_(fff.leaf_w2[mine])  # [E, l, o]
-        if fff.leaf_b1 is not None:
-            e.batched_fc1_bias.copy_(fff.leaf_b1[mine])  # [E, l]
-            e.batched_fc2_bias.copy_(fff.leaf_b2[mine])  # [E, o]
-        if self.config.master_leaf:
-            for name in ("master_w1", "master_b1", "master_w2", "master_b2", "master_gate"):
-                if getattr(fff, name) is not None:
-                    mine = getattr(self, name)  # master_gate: [] here, or [1] under DeepSpeed (TutelFFFMoE)
-                    mine.copy_(getattr(fff, name).reshape(mine.shape))
+        e.batched_fc1_w.copy_(fff.leaves.w1[mine].transpose(1, 2))  # Tutel keeps fc1 as [E, l, d]
+        e.batched_fc2_w.copy_(fff.leaves.w2[mine])  # [E, l, o]
+        if fff.leaves.b1 is not None:
+            e.batched_fc1_bias.copy_(fff.leaves.b1[mine])  # [E, l]
+            e.batched_fc2_bias.copy_(fff.leaves.b2[mine])  # [E, o]
 
     @torch.no_grad()
     def to_fff(self) -> FFF:
         """The core FFF with this layer's weights, leaves gathered from every rank (collective: all ranks call)."""
-        out = FFF(self.config).to(self.gate.node_weight.dtype)
-        out.node_weight.copy_(self.gate.node_weight)
-        if out.node_bias is not None:
-            out.node_bias.copy_(self.gate.node_bias)
+        out = FFF(self.config).to(self.router.node_weight.dtype)
+        for mine, theirs in self._shared_pairs(out):
+            theirs.copy_(mine)
         e = self.moe.experts
-        out.leaf_w1.copy_(self._gather(e.batched_fc1_w).transpose(1, 2))
-        out.leaf_w2.copy_(self._gather(e.batched_fc2_w))
-        if out.leaf_b1 is not None:
-            out.leaf_b1.copy_(self._gather(e.batched_fc1_bias))
-            out.leaf_b2.copy_(self._gather(e.batched_fc2_bias))
-        if self.config.master_leaf:
-            for name in ("master_w1", "master_b1", "master_w2", "master_b2", "master_gate"):
-                if getattr(self, name) is not None:
-                    theirs = getattr(out, name)
-                    theirs.copy_(getattr(self, name).reshape(theirs.shape))
+        out.leaves.w1.copy_(self._gather(e.batched_fc1_w).transpose(1, 2))
+        out.leaves.w2.copy_(self._gather(e.batched_fc2_w))
+        if out.leaves.b1 is not None:
+            out.leaves.b1.copy_(self._gather(e.batched_fc1_bias))
+            out.leaves.b2.copy_(self._gather(e.batched_fc2_bias))
         return out
 
     def _gather(self, local: Tensor) -> Tensor:
@@ -236,37 +268,29 @@ class TutelFFF(FeedForwardBlock):
         k = c.n_leaves if soft else 1
         # NOTE: unequal token counts over ranks would give capped capacities that differ between ranks and
         # hang the all-to-all; Tutel then agrees on the largest count first (dropless agrees on its own)
-        unequal = self.world_size > 1 and self.capacity_factor != 0
+        unequal = self.world_size > 1 and not self.dispatch.dropless
         # gate -> capacity -> fast_encode -> all-to-all -> leaves -> all-to-all -> fast_decode, all Tutel's
         tree_out = self.moe(x, top_k=k, adaptive_r=adaptive_r, inequivalent_tokens=unequal)  # [S, o]
         route = self.gate.take_route()
         if not soft:
             # Tutel combined with weight 1 (one-hot gate, see gate.py): the path probability scales here
-            tree_out = tree_out * self.gate.leaf_gate(route.path_logits).to(tree_out.dtype)[:, None]
-        y = self.master(x, tree_out)  # [S, o]
+            tree_out = tree_out * route.gate.to(tree_out.dtype)[:, None]
+        y = tree_out if self.master is None else self.master.blend(x, tree_out)  # [S, o]
 
-        zero = self.zero()
         stats = {
-            **tree_stats(c, route.leaf, route.path_logits),
-            "master_gate": (torch.sigmoid(self.master_gate.detach().float()).reshape(()) if c.master_leaf
-                            else zero + 1.0),
+            **self.router.stats(route),
+            "master_gate": self.master.share() if self.master is not None else self.zero() + 1.0,
             "dropped": self._dropped(route, k, unequal),
         }
-        if not self.training:
-            losses = {"hardening": zero, "load_balance": zero}
-            return BlockOutput(y.reshape(*lead, c.d_out), zero, losses, stats)
-
-        # the same terms as the core FFF's training forward
-        leaf_p = route.leaf_log_probs.exp() if route.leaf_log_probs is not None else None  # [S, L]
-        aux, losses = tree_losses(c, route.path_nodes, route.path_logits, route.leaf, harden_on=route.harden_on,
-                                  leaf_probs=leaf_p, all_logits=route.balance_logits)
+        aux, losses = self.router.losses(route)  # the same terms as the core FFF's training forward
         return BlockOutput(y.reshape(*lead, c.d_out), aux, losses, stats)
 
     @torch.no_grad()
     def _dropped(self, route, k: int, unequal: bool) -> Tensor:
         """How many of this rank's (token, leaf) assignments Tutel's capacity dropped in this call."""
         zero = self.zero()
-        if self.capacity_factor == 0:
+        factor = self.gate.capacity_factor
+        if factor == 0:
             return zero  # dropless: Tutel's capacity is the largest load over the group
         # Tutel's own routing on the scores it saw (softmax of the gate's logits) gives its capacity and each
         # assignment's slot; an assignment is dropped when its slot is beyond the capacity
@@ -275,7 +299,7 @@ class TutelFFF(FeedForwardBlock):
         else:
             scores = F.one_hot(route.leaf, self.config.n_leaves).to(route.path_logits.dtype)  # [S, L]
         crit, _ = tutel_moe.top_k_routing(
-            scores, top_k=k, loss_fn=None, capacity_factor=self.capacity_factor, group=self.moe.group,
+            scores, top_k=k, loss_fn=None, capacity_factor=factor, group=self.moe.group,
             alignment=self.moe.sharded_count * self.moe.a2a_ffn_overlap_degree, inequivalent_tokens=unequal,
         )
         _, _, locations, _, capacity, _ = crit
@@ -284,5 +308,5 @@ class TutelFFF(FeedForwardBlock):
     def extra_repr(self) -> str:
         return (
             f"leaves {self.local_leaves.start}..{self.local_leaves.stop - 1} of {self.config.n_leaves} on rank "
-            f"{self.rank}/{self.world_size}, capacity_factor={self.capacity_factor}"
+            f"{self.rank}/{self.world_size}, {self.dispatch}"
         )
