@@ -172,8 +172,12 @@ class FFFConfig(BlockConfig):
     region_leak: float = 0.0  # probability of swapping a node decision, per (token, node), training only
     leaf_dropout: float = 0.0  # dropout on the leaf hidden activations, training only
     # load balancing over leaves
-    load_balance: str = "none"  # none | leaf (Switch loss over leaves) | node (left/right at every node)
+    load_balance: str = "none"  # none | leaf (Switch loss over leaves) | node (left/right at every node) | bias
     load_balance_coef: float = 0.01
+    # bias balancing without a loss (DeepSeek-V3's rule at the nodes): the rate each node's decision shift moves by
+    # after every optimizer step; 0 = off. load_balance="bias" turns it on alone (rate 1e-3 unless given); with
+    # "leaf" or "node" it adds to that loss.
+    bias_update_rate: float = 0.0
     # master leaf (eFFF): an always-on MLP blended with the tree by a learned sigmoid gate
     master_leaf: bool = False
     master_leaf_width: int | None = None  # None: same as leaf_width
@@ -184,7 +188,8 @@ class FFFConfig(BlockConfig):
         "d_model", "leaf_width", "depth", "d_out", "activation", "bias", "train_mode", "master_leaf",
         "master_leaf_width",
     )
-    LOAD_BALANCE: ClassVar[tuple[str, ...]] = ("none", "leaf", "node")
+    LOAD_BALANCE: ClassVar[tuple[str, ...]] = ("none", "leaf", "node", "bias")
+    DEFAULT_BIAS_UPDATE_RATE: ClassVar[float] = 1e-3  # DeepSeek-V3's gamma
 
     def __post_init__(self) -> None:
         self._int("d_model", 1)
@@ -201,6 +206,13 @@ class FFFConfig(BlockConfig):
         self._float("leaf_dropout", 0.0, 1.0, high_open=True)
         self._choice("load_balance", self.LOAD_BALANCE)
         self._float("load_balance_coef", 0.0)
+        self._float("bias_update_rate", 0.0)
+        if self.load_balance == "bias" and self.bias_update_rate == 0:
+            self._set("bias_update_rate", self.DEFAULT_BIAS_UPDATE_RATE)
+        if self.bias_balancing and self.region_leak > 0:
+            _fail(type(self).__name__, "region_leak", self.region_leak,
+                  "must be 0 with bias balancing (a leaked decision and a shifted one cannot both be undone); use "
+                  "one of them")
         self._bool("master_leaf")
         if self.master_leaf:
             if self.master_leaf_width is None:
@@ -210,6 +222,11 @@ class FFFConfig(BlockConfig):
             _fail(type(self).__name__, "master_leaf_width", self.master_leaf_width,
                   "sets the width of the master leaf, so it needs master_leaf = true (leave it unset without one)")
         self._size_limit()
+
+    @property
+    def bias_balancing(self) -> bool:
+        """Whether the nodes carry decision shifts moved after every step (``bias_update_rate`` > 0)."""
+        return self.bias_update_rate > 0
 
     @property
     def n_nodes(self) -> int:

@@ -107,7 +107,33 @@ def initialize(
     out = deepspeed.initialize(args=args, model=model, config=ds_config, **kwargs)
     install_global_norm_clipping(out[0])
     install_legacy_checkpoint_loading(out[0])
+    install_bias_balancing(out[0])
     return out
+
+
+def install_bias_balancing(engine) -> bool:
+    """After each optimizer step of ``engine`` (``engine.step()`` at a gradient-accumulation boundary), move the
+    decision shifts of the model's bias-balanced trees by their counts summed over all ranks
+    (:func:`fff_moe_plugin.balancing.update_balance_biases`). ``initialize`` calls it; returns whether the model
+    has such trees."""
+    import functools
+
+    from .balancing import balanced_routers, update_balance_biases
+
+    if not balanced_routers(engine.module):
+        return False
+    step = engine.step
+
+    @functools.wraps(step)
+    def step_and_balance(*args, **kwargs):
+        before = engine.global_steps
+        out = step(*args, **kwargs)
+        if engine.global_steps != before:  # the optimizer stepped (not a micro-step inside accumulation)
+            update_balance_biases(engine.module)
+        return out
+
+    engine.step = step_and_balance
+    return True
 
 
 # -- checkpoints written before the tree's router, leaves and master leaf were modules -------------------------

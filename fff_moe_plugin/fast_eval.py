@@ -33,6 +33,8 @@ class FastFFF(FFF):
         # Parameters are read from _parameters directly: nn.Module.__getattr__ would cost a microsecond each,
         # which matters when one token takes a few microseconds.
         c, m = self.config, self._modules
+        if c.bias_balancing:  # shifted decisions, unshifted gate: the layer's own eval forward (kernels included)
+            return self(x).output
         r, p = m["router"]._parameters, m["leaves"]._parameters
         x2 = _flat(x, p["w1"], type(self).__name__)  # [S, d]
         gated = c.train_mode != "soft"  # TreeRouter.leaf_gate in eval: path probability unless soft-trained

@@ -45,10 +45,11 @@ def leaf_balance_loss(leaf_probs: Tensor, leaf: Tensor) -> Tensor:
     return L * (f * P).sum()
 
 
-def node_balance_loss(path_nodes: Tensor, path_logits: Tensor, n_nodes: int) -> Tensor:
+def node_balance_loss(path_nodes: Tensor, path_logits: Tensor, n_nodes: int, right: Tensor | None = None) -> Tensor:
     """Left/right balancing at every node a token visits: O(D) per token, for trees too deep for ``L``.
 
-    path_nodes, path_logits: [S, D] (heap index and logit of the node visited on each level).
+    path_nodes, path_logits: [S, D] (heap index and logit of the node visited on each level); ``right`` [S, D]: the
+    turns taken, when they are not the logits' signs (decisions shifted by bias balancing).
     For node n reached by T_n of S tokens, with f_R the fraction of them going right and P_R their mean
     probability of going right, the term is ``(T_n / S) * 2 * (f_R P_R + (1 - f_R)(1 - P_R))``; the terms of
     a level add up to 1 at balance, and the loss is their mean over levels. It is exactly 1 at balance.
@@ -58,7 +59,7 @@ def node_balance_loss(path_nodes: Tensor, path_logits: Tensor, n_nodes: int) -> 
         return path_logits.new_zeros((), dtype=torch.float32)
     nodes = path_nodes.reshape(-1)
     p = torch.sigmoid(path_logits.float()).reshape(-1)
-    right = (path_logits >= 0).float().reshape(-1)
+    right = (path_logits >= 0 if right is None else right).float().reshape(-1)
     T = counts_of(nodes, n_nodes)  # [N] tokens reaching each node
     R = torch.zeros(n_nodes, device=p.device).index_add_(0, nodes, right)  # [N] of those going right
     Psum = torch.zeros(n_nodes, device=p.device).index_add(0, nodes, p)  # [N] sum of P(right)
@@ -94,13 +95,15 @@ def tree_losses(
     harden_on: Tensor | None = None,
     leaf_probs: Tensor | None = None,
     all_logits: Tensor | None = None,
+    right: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The auxiliary loss of an FFF tree's training forward: ``(weighted aux_loss, unweighted terms)``.
 
     Shared by the core layer and every dispatch backend, so that all train the same objective.
     path_nodes, path_logits: [S, D]; leaf: [S]. ``harden_on``: the logits whose decisions the hardening
     term averages (default: the path's). For ``load_balance="leaf"`` the leaf distribution is needed:
-    ``leaf_probs`` [S, L], or ``all_logits`` [S, N] to compute it from.
+    ``leaf_probs`` [S, L], or ``all_logits`` [S, N] to compute it from. ``right`` [S, D]: the turns taken, for the
+    node balancing loss, when they are not the path logits' signs.
     """
     zero = path_logits.new_zeros((), dtype=torch.float32)
     harden = hardening_loss(path_logits if harden_on is None else harden_on)
@@ -111,7 +114,7 @@ def tree_losses(
             leaf_probs = tree.leaf_probs(all_logits.float(), config.depth)
         balance = leaf_balance_loss(leaf_probs, leaf)
     elif config.load_balance == "node":
-        balance = node_balance_loss(path_nodes, path_logits, config.n_nodes)
+        balance = node_balance_loss(path_nodes, path_logits, config.n_nodes, right)
     else:
         balance = zero
     aux = config.hardening * harden + (config.load_balance_coef * balance if config.load_balance != "none" else zero)

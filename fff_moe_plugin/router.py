@@ -78,6 +78,18 @@ class TreeRouter(nn.Module):
         k = 1.0 / math.sqrt(d)
         self.node_weight = nn.Parameter(torch.empty(N, d).uniform_(-k, k))  # [N, d]
         self.node_bias = nn.Parameter(torch.empty(N).uniform_(-k, k)) if config.bias else None  # [N]
+        # bias balancing (fff_moe_plugin.balancing): each node's decision shift, saved with the weights, and the
+        # tokens that reached it / went right since the last update (int64 [2, N], not saved)
+        on = config.bias_balancing
+        self.register_buffer("balance_bias", torch.zeros(N) if on else None)
+        self.register_buffer("balance_counts", torch.zeros(2, N, dtype=torch.long) if on else None, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # module.to(bfloat16 / float16) casts every floating buffer; a shift moved in steps of 1e-3 needs float32
+        super()._apply(fn, recurse)
+        if self.balance_bias is not None and self.balance_bias.dtype in (torch.float16, torch.bfloat16):
+            self.balance_bias = self.balance_bias.float()
+        return self
 
     def node_logits(self, x: Tensor) -> Tensor:
         """Every node's logit for every token: [S, d] -> [S, N], in float32 at least."""
@@ -93,18 +105,57 @@ class TreeRouter(nn.Module):
             path_nodes, end = tree.descend_from_logits(logits, c.depth)  # [S, D], [S]
             path_logits = tree.take_along(logits, path_nodes)  # [S, D]
             return Routing(path_nodes, path_logits, end - c.n_nodes, self.leaf_gate(path_logits), logits, log_p)
+        shift = self.balance_bias  # [N] decision shifts (bias balancing), or None
+        bias = self.node_bias if shift is None else (shift if self.node_bias is None else self.node_bias + shift)
         if kernels:
-            path_nodes, path_logits, end = inference.descend(x, self.node_weight, self.node_bias, c.depth)
-            return Routing(path_nodes, path_logits, end - c.n_nodes, self.leaf_gate(path_logits))
+            path_nodes, path_logits, end = inference.descend(x, self.node_weight, bias, c.depth)
+            if shift is not None:  # the decisions saw the shift; the returned logits do not
+                path_logits = path_logits - shift.to(path_logits.dtype)[path_nodes]
+            return Routing(path_nodes, path_logits, end - c.n_nodes, self._gate(path_logits, end, shift))
         leak = c.region_leak if self.training else 0.0
         every = self.training and c.load_balance == "leaf"  # the leaf balancing loss needs every node's logit
         path_nodes, path_logits, end, all_logits = tree.route(  # [S, D], [S, D], [S], [S, N] or None
-            x, self.node_weight, self.node_bias, c.depth, leak_rate=leak, every_logit=every)
+            x, self.node_weight, bias, c.depth, leak_rate=leak, every_logit=every)
+        if shift is not None:  # region leak is off with bias balancing (FFFConfig), so the shift comes off exactly
+            path_logits = path_logits - shift.to(path_logits.dtype)[path_nodes]
+            all_logits = None if all_logits is None else all_logits - shift.to(all_logits.dtype)
+            if self.training:
+                self._count(path_nodes, end)
         balance = None
         if every:  # the descent's own logits when they carry no leak, else computed again without it
             balance = all_logits if leak == 0 else self.node_logits(x)
-        return Routing(path_nodes, path_logits, end - c.n_nodes, self.leaf_gate(path_logits), all_logits,
+        return Routing(path_nodes, path_logits, end - c.n_nodes, self._gate(path_logits, end, shift), all_logits,
                        None, balance)
+
+    def _gate(self, path_logits: Tensor, end: Tensor, shift: Optional[Tensor]) -> Tensor:
+        """The hard forward's leaf weight; with decision shifts, the path probability of the path taken (whose turns
+        the shift may have set against a logit's sign), under the unshifted logits."""
+        if shift is None:
+            return self.leaf_gate(path_logits)
+        if self.config.train_mode == "soft" and not self.training:
+            return path_logits.new_ones(path_logits.shape[0])
+        _, right = tree.path_nodes_of_leaf(end - self.config.n_nodes, self.config.depth)  # [S, D]
+        return tree.path_log_prob(path_logits, right).exp()
+
+    @torch.no_grad()
+    def _count(self, path_nodes: Tensor, end: Tensor) -> None:
+        """Add this call's tokens to ``balance_counts``: [0] reaching each node, [1] of those going right."""
+        _, right = tree.path_nodes_of_leaf(end - self.config.n_nodes, self.config.depth)  # [S, D]
+        nodes = path_nodes.reshape(-1)
+        self.balance_counts[0].index_add_(0, nodes, torch.ones_like(nodes))
+        self.balance_counts[1].index_add_(0, nodes, right.reshape(-1).to(nodes.dtype))
+
+    @torch.no_grad()
+    def apply_balance_counts(self, counts: Tensor) -> None:
+        """Move each node's decision shift by the update rate against its right-hand excess, from ``counts``
+        [2, N] (tokens reaching each node, of those going right; summed over the data-parallel ranks), and start
+        counting afresh (docs/methods.md §3): ``shift[n] -= rate * sign(R_n / T_n - 1/2)`` where ``T_n > 0``.
+        The target share 1/2 is that of the leaves under the right child: uniform leaf load."""
+        reached, right = counts[0].double(), counts[1].double()
+        excess = right / reached.clamp_min(1.0) - 0.5
+        step = self.config.bias_update_rate * torch.sign(excess) * (reached > 0)
+        self.balance_bias.sub_(step.to(self.balance_bias.dtype))
+        self.balance_counts.zero_()
 
     def leaf_gate(self, path_logits: Tensor) -> Tensor:
         """Weight of the chosen leaf's output in the hard forward: its path probability, or 1 for soft-trained
@@ -125,8 +176,11 @@ class TreeRouter(nn.Module):
         if c.hardening == 0:
             harden_on = harden_on.detach()
         leaf_p = routing.leaf_log_probs.exp() if routing.soft else None  # [S, L]
+        right = None  # the turns taken are the logits' signs, but where bias balancing shifted the decisions
+        if self.balance_bias is not None and not routing.soft:
+            right = tree.path_nodes_of_leaf(routing.leaf, c.depth)[1]
         return tree_losses(c, routing.path_nodes, routing.path_logits, routing.leaf, harden_on=harden_on,
-                           leaf_probs=leaf_p, all_logits=routing.balance_logits)
+                           leaf_probs=leaf_p, all_logits=routing.balance_logits, right=right)
 
     def stats(self, routing: Routing) -> dict[str, Tensor]:
         """Detached statistics: ``counts`` per leaf, ``unused_leaves``, ``decision_entropy``, ``nonfinite_tokens``."""
@@ -134,7 +188,8 @@ class TreeRouter(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"d_model={c.d_model}, depth={c.depth}, nodes={c.n_nodes}, bias={c.bias}"
+        extra = f", bias_update_rate={c.bias_update_rate}" if c.bias_balancing else ""
+        return f"d_model={c.d_model}, depth={c.depth}, nodes={c.n_nodes}, bias={c.bias}{extra}"
 
 
 # The names that layers holding a tree gave their parameters before the tree had its router, leaves and master-leaf

@@ -4,7 +4,7 @@ fairseq's ``Trainer`` writes a checkpoint from data-parallel rank 0 alone and, o
 optimizer state into every rank. With the leaves of an FFF sharded over ranks (``--fff-backend deepspeed|tutel``
 with ``--fff-ep-size > 1``) the first would keep rank 0's leaves only and the second would give every rank rank
 0's Adam moments; and fairseq's gradient clipping leaves the sharded leaves (tagged ``expert``) out of the norm.
-:func:`install` (called when fairseq imports the plugin's ``--user-dir``) wraps four ``Trainer`` members; each
+:func:`install` (called when fairseq imports the plugin's ``--user-dir``) wraps five ``Trainer`` members; each
 wrapper runs fairseq's own code unchanged when the model holds no sharded FFF block:
 
 - ``always_call_state_dict_during_save_checkpoint`` (fairseq's switch for FSDP, whose state dict is also a
@@ -18,7 +18,9 @@ wrapper runs fairseq's own code unchanged when the model holds no sharded FFF bl
   optimizer state;
 - ``clip_grad_norm`` computes the norm of the data-parallel run: fairseq's norm of the replicated parameters
   together with the sharded leaves' gradients, each global leaf counted once (see :func:`leaf_norm`).
-  Parameters tagged ``expert`` by anything other than the plugin stay out of the norm, as fairseq has it.
+  Parameters tagged ``expert`` by anything other than the plugin stay out of the norm, as fairseq has it;
+- ``train_step`` then moves the decision shifts of bias-balanced trees (``--fff-load-balance bias``,
+  :mod:`fff_moe_plugin.balancing`) by their counts summed over the data-parallel ranks, for any model.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ...balancing import update_balance_biases
 from ...router import current_key
 from .sharded import ShardedFFF, gathering
 
@@ -108,6 +111,26 @@ def install() -> None:
             clip_norm, aggregate_norm_fn=functools.partial(leaf_norm, leaves, blocks[0][1]))
 
     Trainer.clip_grad_norm = clip_grad_norm_with_leaves
+
+    train_step = Trainer.train_step
+
+    @functools.wraps(train_step)
+    def train_step_and_balance(self, samples, raise_oom=False):
+        out = train_step(self, samples, raise_oom=raise_oom)
+        # bias-balanced trees move their decision shifts after each optimizer step, by counts summed over the
+        # data-parallel ranks, so that every rank keeps routing identically
+        update_balance_biases(self.model, group=_data_parallel_group(self))
+        return out
+
+    Trainer.train_step = train_step_and_balance
+
+
+def _data_parallel_group(trainer):
+    """fairseq's data-parallel process group, or None (the whole world, or one process)."""
+    if trainer.data_parallel_world_size <= 1:
+        return None
+    group = trainer.data_parallel_process_group
+    return group if isinstance(group, dist.ProcessGroup) else None
 
 
 def sharded_blocks(trainer, gathered_only: bool = False) -> list[tuple[str, ShardedFFF]]:

@@ -66,10 +66,14 @@ class FFFLanguageModelConfig(TransformerLanguageModelConfig):
     fff_leaf_dropout: Optional[float] = field(
         default=None, metadata=_help(f"dropout on the leaf hidden units in training ({_UNSET}: 0)"))
     fff_load_balance: Optional[str] = field(
-        default=None, metadata=_help(f"none, leaf (Switch loss with leaves as experts) or node (left/right "
-                                     f"balance at each visited node) ({_UNSET}: none)"))
+        default=None, metadata=_help(f"none, leaf (Switch loss with leaves as experts), node (left/right "
+                                     f"balance at each visited node) or bias (no loss: each node's decision "
+                                     f"shift moves after every update, DeepSeek-V3's rule) ({_UNSET}: none)"))
     fff_load_balance_coef: Optional[float] = field(
         default=None, metadata=_help(f"weight of the load-balancing loss ({_UNSET}: 0.01)"))
+    fff_bias_update_rate: Optional[float] = field(
+        default=None, metadata=_help(f"rate of the bias balancing's shift updates; > 0 adds it to a leaf or node "
+                                     f"loss ({_UNSET}: 1e-3 with --fff-load-balance bias, else 0 = off)"))
     fff_master_leaf: bool = field(
         default=False, metadata=_help("blend the tree with an always-on master leaf MLP (eFFF)"))
     fff_master_leaf_width: Optional[int] = field(

@@ -219,7 +219,8 @@ def test_every_float_key_refuses_nan_and_infinity_before_process_groups(key, val
 
 def test_float_keys_are_every_float_field_of_the_block():
     assert set(DeepSpeedFFFConfig.float_keys()) == {
-        "capacity_factor", "eval_capacity_factor", "hardening", "region_leak", "leaf_dropout", "load_balance_coef"}
+        "capacity_factor", "eval_capacity_factor", "hardening", "region_leak", "leaf_dropout", "load_balance_coef",
+        "bias_update_rate"}
 
 
 def test_infinity_and_nan_literals_in_a_json_config_file_are_refused(tmp_path):

@@ -102,6 +102,23 @@ def test_interrupted_training_resumes_to_the_same_parameters(lm_data_bin, tmp_pa
     assert_same_state(b["model"], a["model"], rtol=0, atol=0)
 
 
+def test_bias_balanced_training_moves_the_shifts_and_resumes_them(lm_data_bin, tmp_path):
+    flags = ["--arch", "transformer_lm_fff", "--fff-depth", "2", "--fff-leaf-width", "8", "--fff-train-mode", "hard",
+             "--fff-load-balance", "bias", "--fff-bias-update-rate", "0.01", "--dropout", "0",
+             "--save-interval-updates", "3"]
+    train(lm_data_bin, tmp_path / "whole", *flags, "--max-update", "6")
+    train(lm_data_bin, tmp_path / "split", *flags, "--max-update", "3")
+    train(lm_data_bin, tmp_path / "split", *flags, "--max-update", "6")
+    a = torch.load(tmp_path / "whole" / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]
+    b = torch.load(tmp_path / "split" / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]
+    shifts = [k for k in a if k.endswith("router.balance_bias")]
+    assert len(shifts) == 2 and not any(k.endswith("balance_counts") for k in a)
+    for k in shifts:
+        steps = a[k] / 0.01  # 6 updates of +-0.01 each (or none, for a node no token reached)
+        assert (a[k] != 0).any() and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 6
+    assert_same_state(b, a, rtol=0, atol=0)
+
+
 def test_bad_flag_fails_fairseq_train_at_start_up_naming_the_flag(lm_data_bin, tmp_path):
     cmd = fairseq_command("train") + [str(lm_data_bin), "--user-dir", user_dir(), "--save-dir", str(tmp_path), *TRAIN,
                                       *TINY, "--cpu", "--arch", "transformer_lm_fff", "--fff-depth", "-2",
@@ -113,8 +130,9 @@ def test_bad_flag_fails_fairseq_train_at_start_up_naming_the_flag(lm_data_bin, t
 
 
 def test_two_cpu_processes_train_and_log_metrics_merged_over_ranks(lm_data_bin, tmp_path, capfd):
+    # with bias balancing beside the leaf loss: the trainer hook all-reduces the counts over the two ranks
     args = [str(lm_data_bin), "--user-dir", user_dir(), "--save-dir", str(tmp_path / "ckpt"), *TRAIN, *TINY,
-            *ARCHS["fff"], "--max-update", "3"]
+            *ARCHS["fff"], "--fff-train-mode", "hard", "--fff-bias-update-rate", "0.01", "--max-update", "3"]
     assert run_ranks(args, 2, log_dir=str(tmp_path)) == 0
     logs = inner_logs(capfd.readouterr().out)
     assert len(logs) == 3
@@ -122,4 +140,5 @@ def test_two_cpu_processes_train_and_log_metrics_merged_over_ranks(lm_data_bin, 
     # come from counts summed over both
     assert all(float(entry["wpb"]) == 512 for entry in logs)
     assert all("usage_entropy" in entry for entry in logs)
-    assert (tmp_path / "ckpt" / "checkpoint_last.pt").is_file()
+    model = torch.load(tmp_path / "ckpt" / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]
+    assert any((v != 0).any() for k, v in model.items() if k.endswith("router.balance_bias"))
