@@ -122,10 +122,15 @@ def tree_losses(
 
 
 def tree_stats(config: FFFConfig, leaf: Tensor, path_logits: Tensor) -> dict[str, Tensor]:
-    """Detached routing statistics of a tree: tokens per leaf, unused leaves, mean decision entropy, and the
-    tokens whose node logits are not finite (NaN or inf inputs: their descent goes left at a NaN decision, so
-    they are routed, and counted, but their routing means nothing)."""
+    """Detached routing statistics of a tree: tokens per leaf, unused leaves, mean decision entropy, the tokens
+    whose node logits are not finite (NaN or inf inputs: their descent goes left at a NaN decision, so they are
+    routed, and counted, but their routing means nothing), and ``node_counts`` [2, N]: the tokens that reached
+    each node and those of them that went right (:func:`level_imbalance` reads a collapse from them)."""
     counts = counts_of(leaf, config.n_leaves)  # [L]
+    nodes, right = tree.path_nodes_of_leaf(leaf.detach().reshape(-1), config.depth)  # [S, D]
+    node_counts = torch.stack((counts_of(nodes, config.n_nodes),
+                               torch.zeros(config.n_nodes, dtype=torch.float32, device=leaf.device).index_add_(
+                                   0, nodes.reshape(-1), right.reshape(-1).float())))  # [2, N]
     logits = path_logits.detach().float()
     finite = torch.isfinite(logits).all(-1, keepdim=True)  # [S, 1]
     n_finite = finite.sum() * logits.shape[-1]
@@ -136,7 +141,23 @@ def tree_stats(config: FFFConfig, leaf: Tensor, path_logits: Tensor) -> dict[str
         "unused_leaves": (counts == 0).sum().float(),
         "decision_entropy": entropy / n_finite.clamp_min(1),
         "nonfinite_tokens": (~finite).sum().float(),
+        "node_counts": node_counts,
     }
+
+
+def level_imbalance(node_counts: Tensor) -> Tensor:
+    """Per level of a tree, how one-sided its decisions are: ``sum_n |2 R_n - T_n| / sum_n T_n`` over the level's
+    nodes, from ``node_counts`` [2, N] (T_n tokens reaching node n, R_n of them going right). 0 when every node
+    splits its tokens evenly, 1 when every node sends all of them one way (a collapse). Returns [D] (float64);
+    a level no token reached gives 0."""
+    counts = node_counts.double()
+    depth = int(counts.shape[-1] + 1).bit_length() - 1
+    out = []
+    for level in range(depth):
+        sl = tree.level_slice(level)
+        reached, right = counts[0, sl], counts[1, sl]
+        out.append((2 * right - reached).abs().sum() / reached.sum().clamp_min(1.0))
+    return torch.stack(out) if out else counts.new_zeros(0)
 
 
 def warn_nonfinite(owner: object, stats: dict[str, Tensor], name: str) -> None:

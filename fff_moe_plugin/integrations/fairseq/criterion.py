@@ -11,7 +11,11 @@ coefficient set in the block config. Logged (train and valid):
   many of them got no token, averaged over the block layers. Counts are summed over sub-batches and over
   workers before the entropy is taken, so a distributed run logs the statistics of its whole batch;
 - ``dropped`` (sharded FFF blocks, ``--fff-backend deepspeed|tutel``): the share of the tokens dropped by a
-  capped capacity, averaged over the block layers (0 when dropless).
+  capped capacity, averaged over the block layers (0 when dropless);
+- ``imbalance_l<k>`` (leaf-MLP trees): how one-sided the decisions of level k are, 0 (every node splits its tokens
+  evenly) to 1 (every node sends all of them one way: a collapse), from node counts summed over sub-batches and
+  workers (:func:`~fff_moe_plugin.losses.level_imbalance`), averaged over the tree layers. A collapse shows here
+  when it starts, at every ``--log-interval``.
 
 No ``from __future__ import annotations`` here: fairseq reads the dataclass field types at run time.
 """
@@ -27,9 +31,10 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 from omegaconf import II
 
-from ...losses import usage_entropy
+from ...losses import level_imbalance, usage_entropy
 
 COUNTS = "counts_"  # logging keys "counts_<layer>" carry the per-layer token counts
+NODES = "nodes_"  # and "nodes_<layer>" a tree layer's [2, N] node counts (reached, went right)
 TERMS = "aux_"
 
 
@@ -49,6 +54,7 @@ class CrossEntropyFFFCriterion(CrossEntropyCriterion):
         extra = net_output[1] if isinstance(net_output[1], dict) else {}
         outputs = extra.get("block_outputs", {})
         slots = extra.get("block_slots", {})
+        trees = extra.get("block_nodes", {})
 
         aux = nll.new_zeros((), dtype=torch.float32)
         terms: dict[str, torch.Tensor] = {}
@@ -77,6 +83,9 @@ class CrossEntropyFFFCriterion(CrossEntropyCriterion):
         for index, size in slots.items():
             counts = outputs[index].stats["counts"] if index in outputs else nll.new_zeros(size)
             logging_output[f"{COUNTS}{index}"] = counts.detach().float()
+        for index, n_nodes in trees.items():
+            nodes = outputs[index].stats["node_counts"] if index in outputs else nll.new_zeros(2, n_nodes)
+            logging_output[f"{NODES}{index}"] = nodes.detach().float()
         return loss, sample_size, logging_output
 
     @staticmethod
@@ -107,6 +116,12 @@ class CrossEntropyFFFCriterion(CrossEntropyCriterion):
             unused.append(float((counts == 0).sum()))
         metrics.log_scalar("usage_entropy", sum(entropies) / len(entropies), 1, round=3)
         metrics.log_scalar("unused", sum(unused) / len(unused), 1, round=2)
+        levels: dict[int, list[float]] = {}
+        for key in sorted(k for k in keys if k.startswith(NODES)):
+            for level, value in enumerate(level_imbalance(torch.as_tensor(total(key), dtype=torch.float64))):
+                levels.setdefault(level, []).append(float(value))
+        for level, values in sorted(levels.items()):
+            metrics.log_scalar(f"imbalance_l{level}", sum(values) / len(values), 1, round=3)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

@@ -64,8 +64,9 @@ class BlockDecoder(TransformerDecoder):
     """fairseq's ``TransformerDecoder`` with a block per layer as ``plan`` says (None keeps the dense layer).
 
     ``extract_features`` (and so ``forward``) returns ``extra["block_outputs"]``: {layer index: BlockOutput}
-    for the block layers that ran, and ``extra["block_slots"]``: {layer index: length of stats["counts"]}
-    for every block layer, so that statistics keep one shape even when LayerDrop skips a layer.
+    for the block layers that ran, ``extra["block_slots"]``: {layer index: length of stats["counts"]} for every
+    block layer, and ``extra["block_nodes"]``: {layer index: nodes} for every leaf-MLP tree, so that statistics
+    keep one shape even when LayerDrop skips a layer.
     """
 
     def __init__(self, args, dictionary, embed_tokens, plan: list[Optional[BlockConfig]], no_encoder_attn=False,
@@ -76,6 +77,7 @@ class BlockDecoder(TransformerDecoder):
         self._built = 0
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
         self.block_slots = {i: counts_size(c) for i, c in enumerate(plan) if c is not None}
+        self.block_nodes = {i: c.n_nodes for i, c in enumerate(plan) if isinstance(c, FFFConfig)}
 
     def build_decoder_layer(self, args, no_encoder_attn=False):
         index = self._built
@@ -105,4 +107,5 @@ class BlockDecoder(TransformerDecoder):
                 layer.sink = None
         extra["block_outputs"] = outputs
         extra["block_slots"] = self.block_slots
+        extra["block_nodes"] = self.block_nodes
         return x, extra

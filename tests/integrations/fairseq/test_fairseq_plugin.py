@@ -183,6 +183,30 @@ def test_usage_entropy_is_taken_over_counts_summed_across_workers():
     assert agg.get_smoothed_values()["loss"] == pytest.approx(16 / 12 / math.log(2), abs=1e-3)
 
 
+def test_level_imbalance_is_taken_over_node_counts_summed_across_workers():
+    from fff_moe_plugin.integrations.fairseq.criterion import CrossEntropyFFFCriterion
+
+    # a depth-2 tree: each worker's root is one-sided, the two together split evenly; level 1 is one-sided
+    a = torch.tensor([[4.0, 4.0, 0.0], [0.0, 0.0, 0.0]])  # 4 tokens: all left, all left again
+    b = torch.tensor([[4.0, 0.0, 4.0], [4.0, 0.0, 4.0]])  # 4 tokens: all right, all right again
+    logs = [{"loss": 4.0, "nll_loss": 4.0, "aux_loss": 0.0, "ntokens": 4, "sample_size": 4, "counts_0": c,
+             "nodes_0": n} for c, n in ((torch.tensor([4.0, 0, 0, 0]), a), (torch.tensor([0, 0, 0, 4.0]), b))]
+    with metrics.aggregate() as agg:
+        CrossEntropyFFFCriterion.reduce_metrics(logs)
+    values = agg.get_smoothed_values()
+    assert values["imbalance_l0"] == 0.0 and values["imbalance_l1"] == 1.0
+
+
+def test_a_tree_layer_logs_its_node_counts(data_dir):
+    task, model, criterion = build(data_dir, "transformer_lm_fff", "--fff-train-mode", "hard")
+    sample = sample_of(task)
+    _, _, log = criterion(model, sample)
+    nodes = log["nodes_0"]  # depth 2: 3 nodes
+    assert nodes.shape == (2, 3) and nodes[0, 0] == sample["ntokens"]  # every token reaches the root
+    assert nodes[0, 1] + nodes[0, 2] == sample["ntokens"] and nodes[1, 0] == nodes[0, 2]
+    assert set(k for k in log if k.startswith("nodes_")) == {"nodes_0", "nodes_1"}
+
+
 def test_presets_are_parameter_equal_and_built_models_match_the_configs(data_dir):
     from fff_moe_plugin.integrations.fairseq.presets import KINDS, SETTINGS
 

@@ -54,6 +54,8 @@ def test_architecture_trains_loss_drops_and_eval_lm_reads_the_checkpoint(lm_data
     assert "usage_entropy" in logs[-1] and "unused" in logs[-1]
     if name == "fff":
         assert float(logs[-1]["aux_loss"]) > 0 and "aux_load_balance" in logs[-1]
+        # the decision balance of each level, at every log interval: a collapse shows when it starts
+        assert all(0 <= float(entry[f"imbalance_l{k}"]) <= 1 for entry in logs for k in (0, 1))
     cmd = fairseq_command("eval_lm") + [str(lm_data_bin), "--path", str(save / "checkpoint_last.pt"), "--user-dir",
                                         user_dir(), "--gen-subset", "test", "--tokens-per-sample", "16",
                                         "--max-tokens", "256", "--cpu", "--num-workers", "0"]
