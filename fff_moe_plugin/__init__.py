@@ -8,7 +8,7 @@ the leaves sharded over ranks, as one :class:`DispatchConfig` says. docs/archite
 package; docs/methods.md gives the formulas.
 """
 
-from .balancing import update_balance_biases
+from .balancing import after_optimizer_step, update_balance_biases
 from .baselines.dense import DenseFFN
 from .baselines.pkm import PKM
 from .baselines.sigma_moe import SigmaMoE
@@ -25,5 +25,5 @@ __version__ = "0.1.0"
 __all__ = [
     "FFF", "FFFConfig", "UltraFastFFF", "UltraFastConfig", "SigmaMoE", "SigmaMoEConfig", "PKM", "PKMConfig",
     "DenseFFN", "DenseConfig", "BlockOutput", "build_block", "TreeRouter", "Routing", "DispatchConfig",
-    "update_balance_biases", "__version__",
+    "update_balance_biases", "after_optimizer_step", "__version__",
 ]

@@ -54,3 +54,14 @@ def update_balance_biases(model: nn.Module, group: Optional[dist.ProcessGroup] =
         r.apply_balance_counts(counts[offset:offset + n].view_as(r.balance_counts))
         offset += n
     return len(routers)
+
+
+def after_optimizer_step(model: nn.Module, num_updates: int, group: Optional[dist.ProcessGroup] = None) -> None:
+    """What a training loop calls after each optimizer step, ``num_updates`` being the updates done: the routers
+    learn the update count (the soft-to-hard schedule, ``FFFConfig.soft_updates``) and the bias-balanced ones move
+    their shifts (:func:`update_balance_biases`). fairseq and the DeepSpeed engine of
+    ``fff_moe_plugin.deepspeed.initialize`` do this themselves."""
+    for m in model.modules():
+        if isinstance(m, TreeRouter):
+            m.set_num_updates(num_updates)
+    update_balance_biases(model, group)

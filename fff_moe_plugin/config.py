@@ -168,6 +168,7 @@ class FFFConfig(BlockConfig):
     bias: bool = True
     # training
     train_mode: str = "soft"  # soft: mixture over all leaves; hard: each token runs only its leaf
+    soft_updates: int = 0  # with train_mode hard: the first soft_updates optimizer updates train soft, then hard
     hardening: float = 0.0  # coefficient of the mean Bernoulli entropy of the node decisions
     region_leak: float = 0.0  # probability of swapping a node decision, per (token, node), training only
     leaf_dropout: float = 0.0  # dropout on the leaf hidden activations, training only
@@ -201,6 +202,11 @@ class FFFConfig(BlockConfig):
         self._choice("activation", ACTIVATIONS)
         self._bool("bias")
         self._choice("train_mode", self.TRAIN_MODES)
+        self._int("soft_updates", 0)
+        if self.soft_updates and self.train_mode != "hard":
+            _fail(type(self).__name__, "soft_updates", self.soft_updates,
+                  "sets when soft training switches to hard, so it needs train_mode = 'hard' (soft trees train soft "
+                  "throughout)")
         self._float("hardening", 0.0)
         self._float("region_leak", 0.0, 1.0)
         self._float("leaf_dropout", 0.0, 1.0, high_open=True)
@@ -288,6 +294,11 @@ class UltraFastConfig(BlockConfig):
         self._bool("bias")
         self._bool("output_bias")
         self._choice("train_mode", self.TRAIN_MODES)
+        self._int("soft_updates", 0)
+        if self.soft_updates and self.train_mode != "hard":
+            _fail(type(self).__name__, "soft_updates", self.soft_updates,
+                  "sets when soft training switches to hard, so it needs train_mode = 'hard' (soft trees train soft "
+                  "throughout)")
         self._size_limit()
 
     @property

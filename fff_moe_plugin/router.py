@@ -83,6 +83,28 @@ class TreeRouter(nn.Module):
         on = config.bias_balancing
         self.register_buffer("balance_bias", torch.zeros(N) if on else None)
         self.register_buffer("balance_counts", torch.zeros(2, N, dtype=torch.long) if on else None, persistent=False)
+        # the soft-to-hard schedule: the optimizer updates done (saved with the weights), and whether training is
+        # still in its soft phase (a Python bool, so that a forward never reads a device value on the host)
+        scheduled = config.soft_updates > 0
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long) if scheduled else None)
+        self._soft_phase = scheduled
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """The optimizer updates done so far (fairseq's trainer calls this on every module after each update and
+        on resume; :func:`fff_moe_plugin.balancing.after_optimizer_step` does in other loops). With ``soft_updates`` S
+        the first S updates train soft, the rest hard."""
+        if self.num_updates is not None:
+            self.num_updates.fill_(int(num_updates))
+            self._soft_phase = int(num_updates) < self.config.soft_updates
+
+    def trains_soft(self) -> bool:
+        """Whether this call routes soft: in training, for a soft tree or in the soft phase of the schedule."""
+        return self.training and (self.config.train_mode == "soft" or self._soft_phase)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.num_updates is not None:  # the schedule resumes where the checkpoint was written
+            self._soft_phase = int(self.num_updates) < self.config.soft_updates
 
     def _apply(self, fn, recurse=True):
         # module.to(bfloat16 / float16) casts every floating buffer; a shift moved in steps of 1e-3 needs float32
@@ -99,7 +121,7 @@ class TreeRouter(nn.Module):
         """Route ``x`` [S, d]. With ``kernels`` (eval on CPU, see ``ops/inference.py``) the hard descent runs on
         the compiled descent kernel, which computes the same function."""
         c = self.config
-        if self.training and c.train_mode == "soft":
+        if self.trains_soft():
             logits = tree.leak(self.node_logits(x), c.region_leak)  # [S, N]
             log_p = tree.leaf_log_probs(logits, c.depth)  # [S, L]
             path_nodes, end = tree.descend_from_logits(logits, c.depth)  # [S, D], [S]

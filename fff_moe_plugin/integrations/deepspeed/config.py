@@ -125,6 +125,9 @@ class DeepSpeedFFFConfig:
             _fail("train_mode", tree["train_mode"],
                   'must be "hard": an expert-parallel tree sends each token to one leaf (soft training runs '
                   "every leaf for every token; use the core FFF layer for it)")
+        if tree.get("soft_updates"):
+            _fail("soft_updates", tree["soft_updates"], "must be 0: an expert-parallel tree routes each token to one "
+                  "leaf from the first step (train the soft phase with the core FFF layer)")
         knobs = {k: values[k] for k in DISPATCH_KEYS if k in values}
         knobs.setdefault("min_capacity", MIN_CAPACITY[backend])
         try:

@@ -212,6 +212,10 @@ def _check_arguments(config: FFFConfig, dispatch: DispatchConfig) -> None:
             f"FFFMoE: train_mode = {config.train_mode!r} is not allowed: must be 'hard' (each token is dispatched to "
             "one leaf; soft training runs every leaf for every token, which the core FFF layer does)"
         )
+    if config.soft_updates:
+        raise ValueError(f"FFFMoE: soft_updates = {config.soft_updates} is not allowed: must be 0 (a soft phase runs "
+                         "every leaf for every token, which DeepSpeed's one-leaf dispatch does not; the core FFF and "
+                         "the Tutel backend can)")
     if config.d_out != config.d_model:
         raise ValueError(f"FFFMoE: d_out = {config.d_out} must equal d_model = {config.d_model} (DeepSpeed's MoE "
                          "maps d_model to d_model)")

@@ -19,8 +19,9 @@ wrapper runs fairseq's own code unchanged when the model holds no sharded FFF bl
 - ``clip_grad_norm`` computes the norm of the data-parallel run: fairseq's norm of the replicated parameters
   together with the sharded leaves' gradients, each global leaf counted once (see :func:`leaf_norm`).
   Parameters tagged ``expert`` by anything other than the plugin stay out of the norm, as fairseq has it;
-- ``train_step`` then moves the decision shifts of bias-balanced trees (``--fff-load-balance bias``,
-  :mod:`fff_moe_plugin.balancing`) by their counts summed over the data-parallel ranks, for any model.
+- ``train_step`` then tells the trees the updates done (``--fff-soft-updates``) and moves the decision shifts of
+  bias-balanced trees (``--fff-load-balance bias``, :mod:`fff_moe_plugin.balancing`) by their counts summed over
+  the data-parallel ranks, for any model.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ...balancing import update_balance_biases
+from ...balancing import after_optimizer_step
 from ...router import current_key
 from .sharded import ShardedFFF, gathering
 
@@ -117,9 +118,9 @@ def install() -> None:
     @functools.wraps(train_step)
     def train_step_and_balance(self, samples, raise_oom=False):
         out = train_step(self, samples, raise_oom=raise_oom)
-        # bias-balanced trees move their decision shifts after each optimizer step, by counts summed over the
-        # data-parallel ranks, so that every rank keeps routing identically
-        update_balance_biases(self.model, group=_data_parallel_group(self))
+        # the trees learn the updates done (the soft-to-hard schedule), and bias-balanced ones move their decision
+        # shifts by counts summed over the data-parallel ranks, so that every rank keeps routing identically
+        after_optimizer_step(self.model, self.get_num_updates(), group=_data_parallel_group(self))
         return out
 
     Trainer.train_step = train_step_and_balance

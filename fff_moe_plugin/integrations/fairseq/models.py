@@ -59,6 +59,9 @@ class FFFLanguageModelConfig(TransformerLanguageModelConfig):
     fff_train_mode: Optional[str] = field(
         default=None, metadata=_help(f"leaf_mlp: soft (mixture of all leaves) or hard (one leaf per token, "
                                      f"same function as inference); path_neuron: masked or sparse ({_UNSET})"))
+    fff_soft_updates: Optional[int] = field(
+        default=None, metadata=_help(f"with --fff-train-mode hard: train soft for the first N updates, then hard "
+                                     f"(leaf_mlp; {_UNSET}: 0)"))
     fff_hardening: Optional[float] = field(
         default=None, metadata=_help(f"weight of the mean node-decision entropy in the loss ({_UNSET}: 0)"))
     fff_region_leak: Optional[float] = field(

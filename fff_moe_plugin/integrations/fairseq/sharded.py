@@ -182,6 +182,9 @@ def check_spec(config: FFFConfig, spec: ShardSpec) -> None:
             message = message.replace(f"DispatchConfig.{field} = ", f"{flag} ")
         raise ValueError(message) from None
     if spec.backend == "deepspeed":
+        if config.soft_updates:
+            raise ValueError(f"--fff-soft-updates {config.soft_updates} is not allowed with --fff-backend deepspeed: "
+                             "DeepSpeed dispatches one leaf per token (--fff-backend tutel or core can train soft)")
         if config.train_mode != "hard":
             raise ValueError(f"--fff-train-mode {config.train_mode} is not allowed with --fff-backend deepspeed: "
                              "must be hard (one leaf per token); soft training runs every leaf for every token")

@@ -264,7 +264,7 @@ class TutelFFF(FeedForwardBlock, ExpertParallelFFF):
         lead = x.shape[:-1]
         x = self._flatten_input(x)  # [S, d]
         c = self.config
-        soft = self.training and c.train_mode == "soft"
+        soft = self.router.trains_soft()  # soft training, or the soft phase of the schedule
         k = c.n_leaves if soft else 1
         # NOTE: unequal token counts over ranks would give capped capacities that differ between ranks and
         # hang the all-to-all; Tutel then agrees on the largest count first (dropless agrees on its own)

@@ -192,6 +192,7 @@ def test_dropless_capacity_is_the_largest_leaf_load(device):
         ({"depth": 3, "leaf_width": 8, "replace": "m", "backend": "megablocks"}, "backend"),
         ({"depth": 3, "leaf_width": 8, "replace": "m", "router": "top2"}, "router"),
         ({"depth": 3, "leaf_width": 8, "replace": "m", "train_mode": "soft"}, "train_mode"),
+        ({"depth": 3, "leaf_width": 8, "replace": "m", "soft_updates": 10}, "soft_updates"),
         ({"depth": 3, "leaf_width": 8, "replace": "m", "load_balance": "expert"}, "load_balance"),
         ({"depth": 3, "leaf_width": 8, "replace": "m", "activation": "swish"}, "activation"),
         ({"depth": 3, "leaf_width": 8, "replace": ""}, "replace"),
@@ -402,6 +403,8 @@ def test_fffmoe_rejects_bad_arguments():
         FFFMoE(_cfg(d_out=4))
     with pytest.raises(ValueError, match="capacity_factor"):
         FFFMoE(_cfg(), capacity_factor=0)
+    with pytest.raises(ValueError, match="soft_updates = 2 is not allowed"):
+        FFFMoE(_cfg(soft_updates=2))
 
 
 def test_the_layers_offer_the_expert_parallel_interface_and_the_adapter_takes_only_moe_layers():

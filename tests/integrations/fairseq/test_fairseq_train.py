@@ -121,6 +121,25 @@ def test_bias_balanced_training_moves_the_shifts_and_resumes_them(lm_data_bin, t
     assert_same_state(b, a, rtol=0, atol=0)
 
 
+def test_the_soft_to_hard_switch_resumes_from_a_checkpoint_saved_before_it(lm_data_bin, tmp_path):
+    flags = ["--arch", "transformer_lm_fff", "--fff-depth", "2", "--fff-leaf-width", "8", "--fff-train-mode", "hard",
+             "--fff-soft-updates", "3", "--fff-hardening", "0.1", "--fff-load-balance", "leaf", "--dropout", "0",
+             "--save-interval-updates", "2"]
+    train(lm_data_bin, tmp_path / "whole", *flags, "--max-update", "6")
+    train(lm_data_bin, tmp_path / "split", *flags, "--max-update", "2")  # saved in the soft phase
+    log = train(lm_data_bin, tmp_path / "split", *flags, "--max-update", "6")
+    assert re.search(r"Loaded checkpoint \S*checkpoint_last\.pt \(epoch 1 @ 2 updates\)", log)
+    a = torch.load(tmp_path / "whole" / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]
+    b = torch.load(tmp_path / "split" / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]
+    assert [int(v) for k, v in a.items() if k.endswith("router.num_updates")] == [6, 6]
+    assert_same_state(b, a, rtol=0, atol=0)
+    # against a run that never trained soft: the first three updates made a difference
+    train(lm_data_bin, tmp_path / "hard", *[f for f in flags if f not in ("--fff-soft-updates", "3")],
+          "--max-update", "6")
+    c = torch.load(tmp_path / "hard" / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]
+    assert not torch.equal(c["decoder.layers.0.ffn.leaves.w1"], a["decoder.layers.0.ffn.leaves.w1"])
+
+
 def test_bad_flag_fails_fairseq_train_at_start_up_naming_the_flag(lm_data_bin, tmp_path):
     cmd = fairseq_command("train") + [str(lm_data_bin), "--user-dir", user_dir(), "--save-dir", str(tmp_path), *TRAIN,
                                       *TINY, "--cpu", "--arch", "transformer_lm_fff", "--fff-depth", "-2",

@@ -233,6 +233,24 @@ def test_soft_training_mixes_every_leaf_like_the_core_soft_forward():
     assert_near(layer(x).output, core(x).output)
 
 
+def test_the_soft_phase_of_the_schedule_dispatches_every_leaf_then_one():
+    from fff_moe_plugin import after_optimizer_step
+
+    config = make_config(soft_updates=1)
+    torch.manual_seed(0)
+    core = FFF(config)
+    layer = TutelFFF.from_fff(core)
+    x, _ = data(1)
+    assert layer.router.trains_soft()
+    assert_near(layer(x).output, core(x).output)  # soft: every leaf, mixed
+    for module in (core, layer):
+        after_optimizer_step(module, 1)
+    assert not layer.router.trains_soft()
+    out = layer(x)
+    assert_near(out.output, core(x).output)  # hard: one leaf per token
+    assert out.stats["dropped"].item() == 0
+
+
 def test_bad_arguments_are_refused_with_the_allowed_values():
     with pytest.raises(ValueError, match="capacity_factor"):
         TutelFFF(make_config(), capacity_factor=float("nan"))
