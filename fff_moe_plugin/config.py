@@ -166,6 +166,7 @@ class FFFConfig(BlockConfig):
     d_out: int | None = None  # None: same as d_model
     activation: str = "relu"
     bias: bool = True
+    n_trees: int = 1  # a forest of K independent trees: each token reads one leaf in each, the outputs are summed
     # training
     train_mode: str = "soft"  # soft: mixture over all leaves; hard: each token runs only its leaf
     soft_updates: int = 0  # with train_mode hard: the first soft_updates optimizer updates train soft, then hard
@@ -186,7 +187,7 @@ class FFFConfig(BlockConfig):
     TRAIN_MODES: ClassVar[tuple[str, ...]] = ("soft", "hard")
     # train_mode is among them: eval scales the chosen leaf by its path probability only for hard-trained trees
     FUNCTION_FIELDS: ClassVar[tuple[str, ...]] = (
-        "d_model", "leaf_width", "depth", "d_out", "activation", "bias", "train_mode", "master_leaf",
+        "d_model", "leaf_width", "depth", "d_out", "activation", "bias", "n_trees", "train_mode", "master_leaf",
         "master_leaf_width",
     )
     LOAD_BALANCE: ClassVar[tuple[str, ...]] = ("none", "leaf", "node", "bias")
@@ -201,6 +202,7 @@ class FFFConfig(BlockConfig):
         self._int("d_out", 1)
         self._choice("activation", ACTIVATIONS)
         self._bool("bias")
+        self._int("n_trees", 1)
         self._choice("train_mode", self.TRAIN_MODES)
         self._int("soft_updates", 0)
         if self.soft_updates and self.train_mode != "hard":
@@ -243,8 +245,18 @@ class FFFConfig(BlockConfig):
         return 2**self.depth
 
     @property
+    def total_nodes(self) -> int:
+        """Nodes of all the trees (``n_trees * n_nodes``)."""
+        return self.n_trees * self.n_nodes
+
+    @property
+    def total_leaves(self) -> int:
+        """Leaves of all the trees (``n_trees * n_leaves``)."""
+        return self.n_trees * self.n_leaves
+
+    @property
     def training_width(self) -> int:
-        return self.n_leaves * self.leaf_width
+        return self.total_leaves * self.leaf_width
 
     def _leaf_params(self, width: int) -> int:
         b = int(self.bias)
@@ -256,11 +268,12 @@ class FFFConfig(BlockConfig):
 
     def num_parameters(self) -> int:
         nodes = self.n_nodes * (self.d_model + int(self.bias))
-        return nodes + self.n_leaves * self._leaf_params(self.leaf_width) + self._master_params()
+        tree = nodes + self.n_leaves * self._leaf_params(self.leaf_width)
+        return self.n_trees * tree + self._master_params()
 
     def num_parameters_per_token(self) -> int:
         nodes = self.depth * (self.d_model + int(self.bias))
-        return nodes + self._leaf_params(self.leaf_width) + self._master_params()
+        return self.n_trees * (nodes + self._leaf_params(self.leaf_width)) + self._master_params()
 
 
 @dataclass(frozen=True)
@@ -294,11 +307,6 @@ class UltraFastConfig(BlockConfig):
         self._bool("bias")
         self._bool("output_bias")
         self._choice("train_mode", self.TRAIN_MODES)
-        self._int("soft_updates", 0)
-        if self.soft_updates and self.train_mode != "hard":
-            _fail(type(self).__name__, "soft_updates", self.soft_updates,
-                  "sets when soft training switches to hard, so it needs train_mode = 'hard' (soft trees train soft "
-                  "throughout)")
         self._size_limit()
 
     @property

@@ -33,7 +33,7 @@ class FastFFF(FFF):
         # Parameters are read from _parameters directly: nn.Module.__getattr__ would cost a microsecond each,
         # which matters when one token takes a few microseconds.
         c, m = self.config, self._modules
-        if c.bias_balancing:  # shifted decisions, unshifted gate: the layer's own eval forward (kernels included)
+        if c.bias_balancing or c.n_trees > 1:  # the layer's own eval forward: shifted decisions, or a forest
             return self(x).output
         r, p = m["router"]._parameters, m["leaves"]._parameters
         x2 = _flat(x, p["w1"], type(self).__name__)  # [S, d]

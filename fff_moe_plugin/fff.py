@@ -34,7 +34,8 @@ class FFF(FeedForwardBlock):
     as in training. Unlike ``fastfeedforward`` 0.2.1, eval keeps the leaves' output bias.
 
     With ``master_leaf`` the output is ``sigmoid(k) * tree(x) + (1 - sigmoid(k)) * M(x)``, M an always-on
-    MLP and k a learned scalar (eFFF).
+    MLP and k a learned scalar (eFFF). With ``n_trees`` K > 1 the layer is a forest: K independent trees, each
+    token descending each of them, the K leaves' outputs summed (UltraFastBERT's ``parallel_size``).
 
     Parts: ``router`` (:class:`~fff_moe_plugin.router.TreeRouter`, the nodes), ``leaves``
     (:class:`~fff_moe_plugin.leaves.LeafBank`, the L leaf MLPs) and ``master``
@@ -49,7 +50,8 @@ class FFF(FeedForwardBlock):
         self.act = activation_fn(c.activation)
         # registered in this order, which is the order of the parameters (and of optimizer states)
         self.router = TreeRouter(c)  # node_weight [N, d], node_bias [N]
-        self.leaves = LeafBank(c.n_leaves, c.d_model, c.leaf_width, c.d_out, c.activation, c.bias, c.leaf_dropout)
+        self.leaves = LeafBank(c.total_leaves, c.d_model, c.leaf_width, c.d_out, c.activation, c.bias,
+                               c.leaf_dropout)  # a forest's trees' leaves one after the other
         self.master = (MasterLeaf(c.d_model, c.master_leaf_width, c.d_out, c.activation, c.bias, c.leaf_dropout)
                        if c.master_leaf else None)
 
@@ -64,15 +66,16 @@ class FFF(FeedForwardBlock):
         lead = x.shape[:-1]
         x = self._flatten_input(x)  # [S, d]
         # eval on the compiled descent and grouped leaf kernels (ops/inference.py) where they apply; same function
-        kernels = not self.training and inference.kernels_apply(x, *self.parameters())
+        kernels = not self.training and c.n_trees == 1 and inference.kernels_apply(x, *self.parameters())
         routing = self.router(x, kernels=kernels)
-        if routing.soft:
-            y = self.leaves.mixture(x, routing.leaf_log_probs.exp())
+        if routing.soft:  # every leaf of every tree, mixed by each tree's leaf probabilities
+            y = self.leaves.mixture(x, routing.leaf_log_probs.exp().reshape(x.shape[0], c.total_leaves))
         elif kernels:
             w = self.leaves
             y = inference.leaf_mlp(x, routing.leaf, routing.gate, w.w1, w.b1, w.w2, w.b2, c.activation)
         else:
-            y = self.leaves(x, routing.leaf, routing.gate)  # [S, o]
+            token, leaf = self.router.assignments(routing)  # a forest: one leaf per token in each tree, summed
+            y = self.leaves(x, leaf, routing.gate, token)  # [S, o]
         if self.master is not None:
             y = self.master.blend(x, y)  # [S, o]
 

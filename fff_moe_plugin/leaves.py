@@ -23,7 +23,8 @@ from .ops.grouped import grouped_mlp
 class LeafBank(nn.Module):
     """The L leaf MLPs of a tree, batched: ``w1`` [L, d, l], ``b1`` [L, l], ``w2`` [L, l, o], ``b2`` [L, o].
 
-    ``forward(x [S, d], leaf [S], gate [S]) -> [S, o]`` runs each token's leaf, its output scaled by ``gate``
+    ``forward(x [S, d], leaf [A], gate [A], token [A] | None) -> [S, o]`` runs each token's leaf (its leaves, summed,
+    for a forest), its output scaled by ``gate``
     (the grouped kernels of ``ops/grouped.py``); :meth:`mixture` runs every leaf and mixes them (soft training).
     Initialised as ``fastfeedforward`` and nn.Linear do, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     """
@@ -41,8 +42,10 @@ class LeafBank(nn.Module):
         self.w2 = nn.Parameter(torch.empty(L, l, o).uniform_(-k2, k2))  # [L, l, o]
         self.b2 = nn.Parameter(torch.empty(L, o).uniform_(-k2, k2)) if bias else None  # [L, o]
 
-    def forward(self, x: Tensor, leaf: Tensor, gate: Tensor) -> Tensor:
-        return grouped_mlp(x, None, leaf, gate, self.w1, self.b1, self.w2, self.b2, self.act, self.dropout,
+    def forward(self, x: Tensor, leaf: Tensor, gate: Tensor, token: Tensor | None = None) -> Tensor:
+        """With ``token`` [A], assignment a sends token ``token[a]`` to leaf ``leaf[a]`` and the outputs of a token's
+        assignments are summed (a forest); without it, one assignment per token, in order."""
+        return grouped_mlp(x, token, leaf, gate, self.w1, self.b1, self.w2, self.b2, self.act, self.dropout,
                            self.training)
 
     def mixture(self, x: Tensor, leaf_p: Tensor) -> Tensor:

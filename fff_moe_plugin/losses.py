@@ -24,6 +24,16 @@ def counts_of(index: Tensor, n: int) -> Tensor:
         0, index, torch.ones(index.shape[0], dtype=torch.float32, device=index.device))
 
 
+def tree_of_row(rows: int, n_trees: int, device: torch.device) -> Tensor:
+    """The tree of each row of a forest's routing record (rows ``s * K + k``): [rows] long."""
+    return torch.arange(n_trees, device=device).repeat(rows // n_trees)
+
+
+def forest_index(leaf: Tensor, n_trees: int, n_leaves: int) -> Tensor:
+    """A forest's leaves numbered over all its trees (tree k's leaf j is ``k * L + j``), from each row's leaf."""
+    return leaf + tree_of_row(leaf.shape[0], n_trees, leaf.device) * n_leaves
+
+
 def hardening_loss(logits: Tensor) -> Tensor:
     """Mean Bernoulli entropy of the node decisions (FFF paper's hardening term); 0 for no decisions."""
     if logits.numel() == 0:
@@ -107,14 +117,24 @@ def tree_losses(
     """
     zero = path_logits.new_zeros((), dtype=torch.float32)
     harden = hardening_loss(path_logits if harden_on is None else harden_on)
+    K = config.n_trees
     if config.load_balance == "leaf":
         if leaf_probs is None:
             if all_logits is None:
                 raise ValueError("load_balance='leaf' needs the leaf distribution: pass leaf_probs or all_logits")
             leaf_probs = tree.leaf_probs(all_logits.float(), config.depth)
-        balance = leaf_balance_loss(leaf_probs, leaf)
+        if K == 1:
+            balance = leaf_balance_loss(leaf_probs, leaf)
+        else:  # each tree's Switch loss L * sum_i f_ki P_ki, averaged over the trees: over the forest's K * L
+            # leaves the function gives K * L * sum f P, so the mean over the trees is that / K**2
+            S, L = leaf.shape[0] // K, config.n_leaves
+            balance = leaf_balance_loss(leaf_probs.reshape(S, K * L), forest_index(leaf, K, L)) / K**2
     elif config.load_balance == "node":
-        balance = node_balance_loss(path_nodes, path_logits, config.n_nodes, right)
+        # a forest's nodes numbered over all its trees: each level's terms then add up to 1 over the trees together
+        nodes = path_nodes
+        if K > 1:
+            nodes = nodes + tree_of_row(nodes.shape[0], K, nodes.device)[:, None] * config.n_nodes
+        balance = node_balance_loss(nodes, path_logits, config.total_nodes, right)
     else:
         balance = zero
     aux = config.hardening * harden + (config.load_balance_coef * balance if config.load_balance != "none" else zero)
@@ -124,13 +144,20 @@ def tree_losses(
 def tree_stats(config: FFFConfig, leaf: Tensor, path_logits: Tensor) -> dict[str, Tensor]:
     """Detached routing statistics of a tree: tokens per leaf, unused leaves, mean decision entropy, the tokens
     whose node logits are not finite (NaN or inf inputs: their descent goes left at a NaN decision, so they are
-    routed, and counted, but their routing means nothing), and ``node_counts`` [2, N]: the tokens that reached
-    each node and those of them that went right (:func:`level_imbalance` reads a collapse from them)."""
-    counts = counts_of(leaf, config.n_leaves)  # [L]
-    nodes, right = tree.path_nodes_of_leaf(leaf.detach().reshape(-1), config.depth)  # [S, D]
-    node_counts = torch.stack((counts_of(nodes, config.n_nodes),
-                               torch.zeros(config.n_nodes, dtype=torch.float32, device=leaf.device).index_add_(
-                                   0, nodes.reshape(-1), right.reshape(-1).float())))  # [2, N]
+    routed, and counted, but their routing means nothing), and ``node_counts`` [2, N] ([2, K, N] for a forest):
+    the tokens that reached each node and those of them that went right (:func:`level_imbalance` reads a collapse
+    from them)."""
+    K = config.n_trees
+    leaf = leaf.detach().reshape(-1)
+    counts = counts_of(leaf if K == 1 else forest_index(leaf, K, config.n_leaves), config.total_leaves)  # [K*L]
+    nodes, right = tree.path_nodes_of_leaf(leaf, config.depth)  # [S*K, D]
+    if K > 1:
+        nodes = nodes + tree_of_row(nodes.shape[0], K, nodes.device)[:, None] * config.n_nodes
+    node_counts = torch.stack((counts_of(nodes, config.total_nodes),
+                               torch.zeros(config.total_nodes, dtype=torch.float32, device=leaf.device).index_add_(
+                                   0, nodes.reshape(-1), right.reshape(-1).float())))  # [2, K*N]
+    if K > 1:
+        node_counts = node_counts.reshape(2, K, config.n_nodes)  # [2, K, N]: level_imbalance pools each level
     logits = path_logits.detach().float()
     finite = torch.isfinite(logits).all(-1, keepdim=True)  # [S, 1]
     n_finite = finite.sum() * logits.shape[-1]
@@ -151,11 +178,13 @@ def level_imbalance(node_counts: Tensor) -> Tensor:
     splits its tokens evenly, 1 when every node sends all of them one way (a collapse). Returns [D] (float64);
     a level no token reached gives 0."""
     counts = node_counts.double()
+    if counts.dim() == 3:  # [2, K, N] of a forest: its trees' nodes of one level together
+        counts = counts.transpose(0, 1)
     depth = int(counts.shape[-1] + 1).bit_length() - 1
     out = []
     for level in range(depth):
         sl = tree.level_slice(level)
-        reached, right = counts[0, sl], counts[1, sl]
+        reached, right = counts[..., 0, sl], counts[..., 1, sl]
         out.append((2 * right - reached).abs().sum() / reached.sum().clamp_min(1.0))
     return torch.stack(out) if out else counts.new_zeros(0)
 

@@ -50,7 +50,8 @@ def match_fff(
     _positive(leaf_target=leaf_target)
     if depth is None:
         per_unit = 2 * d_model + 2  # one unit of leaf width costs about d_in + d_out + 2 parameters
-        depth = max(0, round(math.log2(max(1.0, target / per_unit / leaf_target))))
+        per_tree = target / fields.get("n_trees", 1)  # a forest shares the parameters among its trees
+        depth = max(0, round(math.log2(max(1.0, per_tree / per_unit / leaf_target))))
     probe = FFFConfig(d_model=d_model, leaf_width=1, depth=depth, **fields)
     fixed = probe.num_parameters() - FFFConfig(d_model=d_model, leaf_width=2, depth=depth, **fields).num_parameters()
     step = -fixed  # parameters per unit of leaf width
@@ -88,20 +89,20 @@ def match_pkm(d_model: int, target: int, n_heads: int = 4, knn: int = 32, **fiel
 
 
 def match(d_model: int, dense_ffn: int, kinds: tuple[str, ...] | list[str] = KINDS, *, fff_depth: int | None = None,
-          expert_size: int = 128, top_k: int = 4, pkm_heads: int = 4, pkm_knn: int = 32,
+          fff_trees: int = 1, expert_size: int = 128, top_k: int = 4, pkm_heads: int = 4, pkm_knn: int = 32,
           activation: str = "relu") -> list[Match]:
     """Parameter-equal configs of ``kinds`` for a dense block ``d_model -> dense_ffn -> d_model``."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise ValueError(f"unknown block kind(s) {', '.join(unknown)}; allowed: {', '.join(KINDS)}")
-    _positive(expert_size=expert_size, top_k=top_k, pkm_heads=pkm_heads, pkm_knn=pkm_knn)
+    _positive(expert_size=expert_size, top_k=top_k, pkm_heads=pkm_heads, pkm_knn=pkm_knn, fff_trees=fff_trees)
     if fff_depth is not None:
         _positive(minimum=0, fff_depth=fff_depth)
     dense = DenseConfig(d_model=d_model, d_ff=dense_ffn, activation=activation)
     target = dense.num_parameters()
     builders = {
         "dense": lambda: dense,
-        "fff": lambda: match_fff(d_model, target, fff_depth, expert_size, activation=activation),
+        "fff": lambda: match_fff(d_model, target, fff_depth, expert_size, activation=activation, n_trees=fff_trees),
         "path_neuron": lambda: match_path_neuron(d_model, target),
         "sigma_moe": lambda: match_sigma_moe(d_model, target, expert_size, top_k, activation=activation),
         "pkm": lambda: match_pkm(d_model, target, pkm_heads, pkm_knn),
@@ -123,4 +124,6 @@ def describe(config: BlockConfig) -> str:
         "sigma_moe": ("n_experts", "expert_size", "top_k"),
         "pkm": ("n_keys", "n_heads", "knn"),
     }[config.kind]
+    if config.kind == "fff" and config.n_trees > 1:
+        keys = ("n_trees", *keys)
     return " ".join(f"{k}={getattr(config, k)}" for k in keys)

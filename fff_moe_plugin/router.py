@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import tree
 from .config import FFFConfig
-from .losses import tree_losses, tree_stats
+from .losses import forest_index, tree_losses, tree_of_row, tree_stats
 from .ops import inference
 
 
@@ -73,7 +73,7 @@ class TreeRouter(nn.Module):
         if not isinstance(config, FFFConfig):
             raise TypeError(f"TreeRouter takes an FFFConfig, got {type(config).__name__}")
         self.config = config
-        N, d = config.n_nodes, config.d_model
+        N, d = config.total_nodes, config.d_model  # a forest's trees one after the other: tree k's node n is k*N + n
         # nn.Linear's default init, as fastfeedforward uses: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
         k = 1.0 / math.sqrt(d)
         self.node_weight = nn.Parameter(torch.empty(N, d).uniform_(-k, k))  # [N, d]
@@ -119,8 +119,11 @@ class TreeRouter(nn.Module):
 
     def forward(self, x: Tensor, kernels: bool = False) -> Routing:
         """Route ``x`` [S, d]. With ``kernels`` (eval on CPU, see ``ops/inference.py``) the hard descent runs on
-        the compiled descent kernel, which computes the same function."""
+        the compiled descent kernel, which computes the same function. A forest of K trees routes each token in
+        each tree: the record then has S * K rows, row ``s * K + k`` for token s in tree k (:meth:`assignments`)."""
         c = self.config
+        if c.n_trees > 1:
+            return self._route_forest(x)
         if self.trains_soft():
             logits = tree.leak(self.node_logits(x), c.region_leak)  # [S, N]
             log_p = tree.leaf_log_probs(logits, c.depth)  # [S, L]
@@ -149,6 +152,41 @@ class TreeRouter(nn.Module):
         return Routing(path_nodes, path_logits, end - c.n_nodes, self._gate(path_logits, end, shift), all_logits,
                        None, balance)
 
+    def _route_forest(self, x: Tensor) -> Routing:
+        """The K trees at once: every node's logit in one matrix product ([S, K * N]), each tree's descent on its
+        own N of them (rows ``s * K + k``). Region leak and decision shifts as for one tree."""
+        c = self.config
+        S, K, N = x.shape[0], c.n_trees, c.n_nodes
+        logits = tree.leak(self.node_logits(x), c.region_leak if self.training else 0.0).reshape(S * K, N)
+        if self.trains_soft():
+            log_p = tree.leaf_log_probs(logits, c.depth)  # [S*K, L]
+            path_nodes, end = tree.descend_from_logits(logits, c.depth)
+            path_logits = tree.take_along(logits, path_nodes)
+            return Routing(path_nodes, path_logits, end - N, self.leaf_gate(path_logits), logits, log_p)
+        shift = self.balance_bias
+        if shift is None:
+            path_nodes, end = tree.descend_from_logits(logits, c.depth)  # [S*K, D], [S*K]
+        else:  # decisions on the shifted logits, everything else on the unshifted ones
+            path_nodes, end = tree.descend_from_logits(logits + shift.to(logits.dtype).reshape(K, N).repeat(S, 1),
+                                                       c.depth)
+            if self.training:
+                self._count(path_nodes + tree_of_row(S * K, K, x.device)[:, None] * N, end)
+        path_logits = tree.take_along(logits, path_nodes)  # [S*K, D]
+        balance = None
+        if self.training and c.load_balance == "leaf":  # every node's logit without region leak
+            balance = logits if c.region_leak == 0 else self.node_logits(x).reshape(S * K, N)
+        return Routing(path_nodes, path_logits, end - N, self._gate(path_logits, end, shift), logits, None, balance)
+
+    def assignments(self, routing: Routing) -> tuple[Optional[Tensor], Tensor]:
+        """``(token, leaf)`` of each row of a routing record, the leaf numbered over all the trees (tree k's leaf j
+        is ``k * L + j``); ``token`` None for one tree (one row per token, in order)."""
+        K = self.config.n_trees
+        if K == 1:
+            return None, routing.leaf
+        rows = routing.leaf.shape[0]
+        token = torch.arange(rows // K, device=routing.leaf.device).repeat_interleave(K)
+        return token, forest_index(routing.leaf, K, self.config.n_leaves)
+
     def _gate(self, path_logits: Tensor, end: Tensor, shift: Optional[Tensor]) -> Tensor:
         """The hard forward's leaf weight; with decision shifts, the path probability of the path taken (whose turns
         the shift may have set against a logit's sign), under the unshifted logits."""
@@ -161,7 +199,8 @@ class TreeRouter(nn.Module):
 
     @torch.no_grad()
     def _count(self, path_nodes: Tensor, end: Tensor) -> None:
-        """Add this call's tokens to ``balance_counts``: [0] reaching each node, [1] of those going right."""
+        """Add this call's tokens to ``balance_counts``: [0] reaching each node, [1] of those going right
+        (``path_nodes`` numbered over all the trees of a forest, ``end`` within each tree)."""
         _, right = tree.path_nodes_of_leaf(end - self.config.n_nodes, self.config.depth)  # [S, D]
         nodes = path_nodes.reshape(-1)
         self.balance_counts[0].index_add_(0, nodes, torch.ones_like(nodes))

@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--fff-depth", type=int, default=None,
                    help="FFF depth (default: leaves about as wide as --expert-size)")
+    p.add_argument("--fff-trees", type=int, default=1,
+                   help="trees K of the FFF forest (default 1); depth and leaf width are matched for K trees")
     p.add_argument("--expert-size", type=int, default=128,
                    help="sigma-MoE expert size G (and the FFF leaf width aimed at)")
     p.add_argument("--top-k", type=int, default=4, help="sigma-MoE experts per token K")
@@ -28,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     kinds = ["dense"] + [k for k in args.to if k != "dense"]
-    rows = match(args.d_model, args.dense_ffn, kinds, fff_depth=args.fff_depth, expert_size=args.expert_size,
+    rows = match(args.d_model, args.dense_ffn, kinds, fff_depth=args.fff_depth, fff_trees=args.fff_trees,
+                 expert_size=args.expert_size,
                  top_k=args.top_k, pkm_heads=args.pkm_heads, pkm_knn=args.pkm_knn, activation=args.activation)
     if args.json:
         print(json.dumps([dict(kind=r.kind, config=r.config.to_dict(), params=r.params,

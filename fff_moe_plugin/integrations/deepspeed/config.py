@@ -125,6 +125,9 @@ class DeepSpeedFFFConfig:
             _fail("train_mode", tree["train_mode"],
                   'must be "hard": an expert-parallel tree sends each token to one leaf (soft training runs '
                   "every leaf for every token; use the core FFF layer for it)")
+        if tree.get("n_trees", 1) != 1:
+            _fail("n_trees", tree["n_trees"], "must be 1: an expert-parallel layer dispatches one tree (a forest "
+                  "trains with the core FFF layer)")
         if tree.get("soft_updates"):
             _fail("soft_updates", tree["soft_updates"], "must be 0: an expert-parallel tree routes each token to one "
                   "leaf from the first step (train the soft phase with the core FFF layer)")

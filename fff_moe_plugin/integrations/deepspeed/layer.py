@@ -212,6 +212,9 @@ def _check_arguments(config: FFFConfig, dispatch: DispatchConfig) -> None:
             f"FFFMoE: train_mode = {config.train_mode!r} is not allowed: must be 'hard' (each token is dispatched to "
             "one leaf; soft training runs every leaf for every token, which the core FFF layer does)"
         )
+    if config.n_trees != 1:
+        raise ValueError(f"FFFMoE: n_trees = {config.n_trees} is not allowed: DeepSpeed's dispatch takes one tree "
+                         "(a forest trains with the core FFF layer)")
     if config.soft_updates:
         raise ValueError(f"FFFMoE: soft_updates = {config.soft_updates} is not allowed: must be 0 (a soft phase runs "
                          "every leaf for every token, which DeepSpeed's one-leaf dispatch does not; the core FFF and "

@@ -83,8 +83,8 @@ class CrossEntropyFFFCriterion(CrossEntropyCriterion):
         for index, size in slots.items():
             counts = outputs[index].stats["counts"] if index in outputs else nll.new_zeros(size)
             logging_output[f"{COUNTS}{index}"] = counts.detach().float()
-        for index, n_nodes in trees.items():
-            nodes = outputs[index].stats["node_counts"] if index in outputs else nll.new_zeros(2, n_nodes)
+        for index, shape in trees.items():
+            nodes = outputs[index].stats["node_counts"] if index in outputs else nll.new_zeros(2, *shape)
             logging_output[f"{NODES}{index}"] = nodes.detach().float()
         return loss, sample_size, logging_output
 

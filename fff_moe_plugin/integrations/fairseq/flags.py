@@ -27,6 +27,8 @@ from ...dispatch import MIN_CAPACITY, DispatchConfig
 from ...matching import match_fff, match_path_neuron, match_pkm, match_sigma_moe
 from .sharded import BACKENDS, ShardSpec, world
 
+# config fields whose flag says it shorter: --fff-trees for FFFConfig.n_trees
+FLAG_NAMES = {"n_trees": "trees"}
 # fields every family takes from the transformer, never from a flag of its own
 SHARED_FIELDS = ("d_model", "d_out")
 # flags of the FFF family that choose how the blocks are dispatched, not what they compute (``shard_spec``)
@@ -56,7 +58,7 @@ class Family:
         """The args attribute (and, with dashes, the flag) of a config field."""
         if _default_true(self, field):
             return f"{self.prefix}_no_{field}"
-        return f"{self.prefix}_{field}"
+        return f"{self.prefix}_{FLAG_NAMES.get(field, field)}"
 
     def flag(self, field: str) -> str:
         return "--" + self.attr(field).replace("_", "-")
@@ -370,7 +372,7 @@ def shard_spec(args: Any, family: Family) -> ShardSpec | None:
 def counts_size(config: BlockConfig) -> int:
     """Length of ``stats["counts"]`` for a block: its leaves, experts or value slots."""
     if isinstance(config, FFFConfig):
-        return config.n_leaves
+        return config.total_leaves
     if isinstance(config, UltraFastConfig):
         return 2**config.depth
     if isinstance(config, SigmaMoEConfig):

@@ -65,7 +65,8 @@ class BlockDecoder(TransformerDecoder):
 
     ``extract_features`` (and so ``forward``) returns ``extra["block_outputs"]``: {layer index: BlockOutput}
     for the block layers that ran, ``extra["block_slots"]``: {layer index: length of stats["counts"]} for every
-    block layer, and ``extra["block_nodes"]``: {layer index: nodes} for every leaf-MLP tree, so that statistics
+    block layer, and ``extra["block_nodes"]``: {layer index: shape of its node counts} for every leaf-MLP tree or
+    forest, so that statistics
     keep one shape even when LayerDrop skips a layer.
     """
 
@@ -77,7 +78,8 @@ class BlockDecoder(TransformerDecoder):
         self._built = 0
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
         self.block_slots = {i: counts_size(c) for i, c in enumerate(plan) if c is not None}
-        self.block_nodes = {i: c.n_nodes for i, c in enumerate(plan) if isinstance(c, FFFConfig)}
+        self.block_nodes = {i: (c.n_nodes,) if c.n_trees == 1 else (c.n_trees, c.n_nodes)
+                            for i, c in enumerate(plan) if isinstance(c, FFFConfig)}
 
     def build_decoder_layer(self, args, no_encoder_attn=False):
         index = self._built

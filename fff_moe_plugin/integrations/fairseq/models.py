@@ -55,6 +55,9 @@ class FFFLanguageModelConfig(TransformerLanguageModelConfig):
         default=None, metadata=_help(f"activation of the leaves / neurons: relu, gelu, silu, tanh, sigmoid, "
                                      f"identity ({_UNSET}: relu for leaf_mlp, gelu for path_neuron)"))
     fff_no_bias: bool = field(default=False, metadata=_help("no biases in nodes and leaves"))
+    fff_trees: Optional[int] = field(
+        default=None, metadata=_help(f"a forest of K trees: each token reads one leaf in each, the outputs are "
+                                     f"summed (leaf_mlp; {_UNSET}: 1)"))
     fff_output_bias: bool = field(default=False, metadata=_help("an output bias (path_neuron only)"))
     fff_train_mode: Optional[str] = field(
         default=None, metadata=_help(f"leaf_mlp: soft (mixture of all leaves) or hard (one leaf per token, "

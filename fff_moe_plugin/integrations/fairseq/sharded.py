@@ -181,6 +181,9 @@ def check_spec(config: FFFConfig, spec: ShardSpec) -> None:
         for field, flag in _FLAGS.items():
             message = message.replace(f"DispatchConfig.{field} = ", f"{flag} ")
         raise ValueError(message) from None
+    if config.n_trees != 1:
+        raise ValueError(f"--fff-trees {config.n_trees} is not allowed with --fff-backend {spec.backend}: the sharded "
+                         "backends dispatch one tree (a forest trains with --fff-backend core)")
     if spec.backend == "deepspeed":
         if config.soft_updates:
             raise ValueError(f"--fff-soft-updates {config.soft_updates} is not allowed with --fff-backend deepspeed: "

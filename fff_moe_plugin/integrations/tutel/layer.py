@@ -117,6 +117,9 @@ class TutelFFF(FeedForwardBlock, ExpertParallelFFF):
         c = config
         if c.d_model % 2:
             raise ValueError(f"TutelFFF: d_model = {c.d_model} is not allowed: Tutel's dispatch needs an even width")
+        if c.n_trees != 1:
+            raise ValueError(f"TutelFFF: n_trees = {c.n_trees} is not allowed: Tutel's dispatch takes one tree (a "
+                             "forest trains with the core FFF layer)")
         W, rank = _world(group)
         world, _ = _world(None)
         if 1 < W < world:
