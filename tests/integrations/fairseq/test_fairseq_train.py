@@ -140,6 +140,23 @@ def test_the_soft_to_hard_switch_resumes_from_a_checkpoint_saved_before_it(lm_da
     assert not torch.equal(c["decoder.layers.0.ffn.leaves.w1"], a["decoder.layers.0.ffn.leaves.w1"])
 
 
+def test_a_forest_trains_with_fairseq_and_its_checkpoint_evaluates(lm_data_bin, tmp_path):
+    flags = ["--arch", "transformer_lm_fff", "--fff-trees", "3", "--fff-depth", "1", "--fff-train-mode", "hard",
+             "--fff-load-balance", "leaf", "--max-update", "6"]
+    log = train(lm_data_bin, tmp_path, *flags)
+    logs = inner_logs(log)
+    assert len(logs) == 6 and float(logs[-1]["nll_loss"]) < float(logs[0]["nll_loss"])
+    assert all(0 <= float(entry["imbalance_l0"]) <= 1 for entry in logs)
+    model = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]
+    assert model["decoder.layers.0.ffn.router.node_weight"].shape == (3, 16)  # 3 trees of 1 node
+    assert model["decoder.layers.0.ffn.leaves.w1"].shape[0] == 6  # 3 trees of 2 leaves
+    cmd = fairseq_command("eval_lm") + [str(lm_data_bin), "--path", str(tmp_path / "checkpoint_last.pt"),
+                                        "--user-dir", user_dir(), "--gen-subset", "test", "--tokens-per-sample", "16",
+                                        "--max-tokens", "256", "--cpu", "--num-workers", "0"]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert done.returncode == 0 and "Perplexity" in done.stdout, done.stdout[-2000:]
+
+
 def test_bad_flag_fails_fairseq_train_at_start_up_naming_the_flag(lm_data_bin, tmp_path):
     cmd = fairseq_command("train") + [str(lm_data_bin), "--user-dir", user_dir(), "--save-dir", str(tmp_path), *TRAIN,
                                       *TINY, "--cpu", "--arch", "transformer_lm_fff", "--fff-depth", "-2",
