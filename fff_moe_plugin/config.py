@@ -292,10 +292,12 @@ class UltraFastConfig(BlockConfig):
     activation: str = "gelu"
     bias: bool = True  # neuron biases
     output_bias: bool = False
+    n_trees: int = 1  # a forest of K trees (UltraFastBERT's parallel_size): one path in each, the outputs summed
     train_mode: str = "masked"  # masked: all neurons computed, unvisited ones zeroed; sparse: visited only
 
     TRAIN_MODES: ClassVar[tuple[str, ...]] = ("masked", "sparse")  # the same function, computed two ways
-    FUNCTION_FIELDS: ClassVar[tuple[str, ...]] = ("d_model", "depth", "d_out", "activation", "bias", "output_bias")
+    FUNCTION_FIELDS: ClassVar[tuple[str, ...]] = ("d_model", "depth", "d_out", "activation", "bias", "output_bias",
+                                                  "n_trees")
 
     def __post_init__(self) -> None:
         self._int("d_model", 1)
@@ -306,21 +308,28 @@ class UltraFastConfig(BlockConfig):
         self._choice("activation", ACTIVATIONS)
         self._bool("bias")
         self._bool("output_bias")
+        self._int("n_trees", 1)
         self._choice("train_mode", self.TRAIN_MODES)
         self._size_limit()
 
     @property
     def n_neurons(self) -> int:
+        """Neurons of one tree."""
         return 2 ** (self.depth + 1) - 1
+
+    @property
+    def total_neurons(self) -> int:
+        """Neurons of all the trees (``n_trees * n_neurons``)."""
+        return self.n_trees * self.n_neurons
 
     def _neuron_params(self) -> int:
         return self.d_model + int(self.bias) + self.d_out
 
     def num_parameters(self) -> int:
-        return self.n_neurons * self._neuron_params() + int(self.output_bias) * self.d_out
+        return self.total_neurons * self._neuron_params() + int(self.output_bias) * self.d_out
 
     def num_parameters_per_token(self) -> int:
-        return (self.depth + 1) * self._neuron_params() + int(self.output_bias) * self.d_out
+        return self.n_trees * (self.depth + 1) * self._neuron_params() + int(self.output_bias) * self.d_out
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,8 @@ class FastUltraFastFFF(UltraFastFFF):
     def infer(self, x: Tensor) -> Tensor:
         # S tokens, d model width, o output width
         c, p = self.config, self._parameters
+        if c.n_trees > 1:  # a forest: the layer's own eval forward
+            return self(x).output
         x2 = _flat(x, p["neuron_in"], type(self).__name__)  # [S, d]
         y, _ = inference.path_neuron(
             x2, p["neuron_in"], p.get("neuron_bias"), p["neuron_out"], p.get("output_bias"), c.depth + 1, c.activation

@@ -76,6 +76,7 @@ def descend(
     levels: int,
     strict: bool = False,
     leak_rate: float = 0.0,
+    offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Hard descent from the root, computing only the visited nodes' logits.
 
@@ -83,16 +84,19 @@ def descend(
     node visited on each level [S, levels], its logit [S, levels] (differentiable with respect to x, weight
     and bias), and the heap index [S] the descent ends on (level ``levels``). For a depth-D FFF,
     ``end - num_nodes(D)`` is the leaf. With ``leak_rate`` > 0 each visited decision is swapped with that
-    probability (region leak, see :func:`leak`), and the returned logit is the swapped one.
+    probability (region leak, see :func:`leak`), and the returned logit is the swapped one. ``offset`` [S]: row s
+    descends the tree whose nodes are ``weight[offset[s] + n]`` (a forest's trees one after the other); the
+    returned node indices are within that tree.
     """
     S = x.shape[0]
     node = torch.zeros(S, dtype=torch.long, device=x.device)  # [S]
     nodes, logits = [], []
     dtype = torch.promote_types(x.dtype, torch.float32)  # decisions in at least float32 (see decision_linear)
     for _ in range(levels):
-        z = (x.to(dtype) * weight.index_select(0, node).to(dtype)).sum(-1)  # [S]
+        row = node if offset is None else node + offset
+        z = (x.to(dtype) * weight.index_select(0, row).to(dtype)).sum(-1)  # [S]
         if bias is not None:
-            z = z + bias.index_select(0, node).to(dtype)
+            z = z + bias.index_select(0, row).to(dtype)
         z = leak(z, leak_rate)
         nodes.append(node)
         logits.append(z)

@@ -26,6 +26,9 @@ class UltraFastFFF(FeedForwardBlock):
     For a token, start at the root; at each visited neuron n compute ``a_n = w_n . x + b_n``, add
     ``act(a_n) * u_n`` to the output and move to ``2n + 1 + [a_n > 0]``.
 
+    With ``n_trees`` K > 1 the layer is a forest (UltraFastBERT's ``parallel_size``): K such trees, each token
+    walking one path in each, the outputs summed.
+
     Contract: ``forward(x [..., d_model]) -> BlockOutput``; there is no auxiliary loss (``aux_loss`` is
     zero; routing is hard from the start). Training computes, by ``config.train_mode``, either every
     neuron and masks the unvisited ones (as the reference code does) or only the visited ones; both give
@@ -37,7 +40,7 @@ class UltraFastFFF(FeedForwardBlock):
     def __init__(self, config: UltraFastConfig):
         super().__init__(config)
         c = config
-        N, d, o = c.n_neurons, c.d_model, c.d_out
+        N, d, o = c.total_neurons, c.d_model, c.d_out  # a forest's trees one after the other
         self.act = activation_fn(c.activation)
         k_in = 1.0 / math.sqrt(d)
         k_out = 1.0 / math.sqrt(c.depth + 1)  # each output sums depth + 1 neurons
@@ -52,6 +55,8 @@ class UltraFastFFF(FeedForwardBlock):
         lead = x.shape[:-1]
         x = self._flatten_input(x)  # [S, d]
         levels = c.depth + 1
+        if c.n_trees > 1:
+            return self._forest(x, lead)
         if self.training and c.train_mode == "masked":
             a_all = F.linear(x, self.neuron_in, self.neuron_bias)  # [S, N]
             nodes, _ = tree.descend_from_logits(a_all, levels, strict=True)  # [S, D+1]
@@ -72,3 +77,25 @@ class UltraFastFFF(FeedForwardBlock):
         zero = self.zero()
         stats = {"counts": counts}
         return BlockOutput(y.reshape(*lead, c.d_out), zero, {}, stats)
+
+    def _forest(self, x: Tensor, lead: tuple[int, ...]) -> BlockOutput:
+        """K trees: each token walks one path in each (rows ``s * K + k``), the K paths' outputs summed."""
+        c = self.config
+        S, K, N, levels = x.shape[0], c.n_trees, c.n_neurons, c.depth + 1
+        offset = torch.arange(K, device=x.device).repeat(S) * N  # [S*K]: the first neuron of each row's tree
+        if self.training and c.train_mode == "masked":
+            a_all = F.linear(x, self.neuron_in, self.neuron_bias)  # [S, K*N]
+            nodes, _ = tree.descend_from_logits(a_all.reshape(S * K, N), levels, strict=True)  # [S*K, D+1]
+            mask = torch.zeros_like(a_all).scatter_(1, (nodes + offset[:, None]).reshape(S, K * levels), 1.0)
+            y = (self.act(a_all) * mask) @ self.neuron_out  # [S, o]
+        else:
+            rows = x.repeat_interleave(K, dim=0)  # [S*K, d]
+            nodes, a, _ = tree.descend(rows, self.neuron_in, self.neuron_bias, levels, strict=True, offset=offset)
+            u = self.neuron_out[nodes + offset[:, None]]  # [S*K, D+1, o]
+            y = torch.einsum("rk,rko->ro", self.act(a), u).reshape(S, K, c.d_out).sum(1)  # [S, o]
+        if self.output_bias is not None:
+            y = y + self.output_bias
+        leaves = 2**c.depth
+        last = nodes[:, -1] - tree.num_nodes(c.depth) + offset // N * leaves  # [S*K] over the forest's leaves
+        stats = {"counts": counts_of(last, K * leaves)}
+        return BlockOutput(y.reshape(*lead, c.d_out), self.zero(), {}, stats)

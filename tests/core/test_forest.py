@@ -104,3 +104,57 @@ def test_counts_parameters_fast_eval_and_matching():
 def test_forest_sizes_are_checked():
     with pytest.raises(ValueError, match="n_trees = 0 is not allowed"):
         FFFConfig(d_model=6, leaf_width=4, depth=2, n_trees=0)
+
+
+# ------------------------------------------------------------------------------------------ path-neuron forests
+def _path_forest(mode: str, seed: int = 0):
+    from fff_moe_plugin import UltraFastConfig, UltraFastFFF
+
+    torch.manual_seed(seed)
+    forest = UltraFastFFF(UltraFastConfig(d_model=6, depth=2, n_trees=K, train_mode=mode, output_bias=True)).double()
+    c = forest.config
+    one = UltraFastConfig(**{**c.to_dict(), "n_trees": 1, "output_bias": False})
+    N = c.n_neurons
+    trees = []
+    for k in range(K):
+        t = UltraFastFFF(one).double()
+        with torch.no_grad():
+            t.neuron_in.copy_(forest.neuron_in[k * N:(k + 1) * N])
+            t.neuron_bias.copy_(forest.neuron_bias[k * N:(k + 1) * N])
+            t.neuron_out.copy_(forest.neuron_out[k * N:(k + 1) * N])
+            forest.output_bias.normal_()
+        trees.append(t)
+    return forest, trees
+
+
+@pytest.mark.parametrize("mode", ["masked", "sparse"])
+def test_a_path_neuron_forest_is_the_sum_of_its_trees(mode):
+    forest, trees = _path_forest(mode)
+    x = torch.randn(25, 6, dtype=torch.float64)
+    for training in (True, False):
+        forest.train(training)
+        out = forest(x)
+        parts = [t.train(training)(x) for t in trees]
+        torch.testing.assert_close(out.output, sum(p.output for p in parts) + forest.output_bias)
+        assert torch.equal(out.stats["counts"], torch.cat([p.stats["counts"] for p in parts]))
+    forest.train()
+    up = torch.randn(25, 6, dtype=torch.float64)
+    (forest(x).output * up).sum().backward()
+    (sum(t(x).output for t in trees) * up).sum().backward()
+    N = forest.config.n_neurons
+    for k, t in enumerate(trees):
+        torch.testing.assert_close(forest.neuron_in.grad[k * N:(k + 1) * N], t.neuron_in.grad)
+        torch.testing.assert_close(forest.neuron_out.grad[k * N:(k + 1) * N], t.neuron_out.grad)
+    assert forest.config.num_parameters() == sum(p.numel() for p in forest.parameters())
+    torch.testing.assert_close(to_fast_eval(forest).infer(x), forest(x).output)
+
+
+def test_one_path_neuron_tree_is_todays_layer_bit_for_bit():
+    from fff_moe_plugin import UltraFastConfig, UltraFastFFF
+
+    torch.manual_seed(0)
+    today = UltraFastFFF(UltraFastConfig(d_model=6, depth=3))
+    torch.manual_seed(0)
+    one = UltraFastFFF(UltraFastConfig(d_model=6, depth=3, n_trees=1))
+    x = torch.randn(9, 6)
+    assert torch.equal(one(x).output, today(x).output)

@@ -374,7 +374,7 @@ def counts_size(config: BlockConfig) -> int:
     if isinstance(config, FFFConfig):
         return config.total_leaves
     if isinstance(config, UltraFastConfig):
-        return 2**config.depth
+        return config.n_trees * 2**config.depth
     if isinstance(config, SigmaMoEConfig):
         return config.n_experts
     if isinstance(config, PKMConfig):
