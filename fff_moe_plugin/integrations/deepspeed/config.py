@@ -125,9 +125,12 @@ class DeepSpeedFFFConfig:
             _fail("train_mode", tree["train_mode"],
                   'must be "hard": an expert-parallel tree sends each token to one leaf (soft training runs '
                   "every leaf for every token; use the core FFF layer for it)")
-        if tree.get("n_trees", 1) != 1:
-            _fail("n_trees", tree["n_trees"], "must be 1: an expert-parallel layer dispatches one tree (a forest "
-                  "trains with the core FFF layer)")
+        if tree.get("n_trees", 1) != 1 and router == "topk":
+            _fail("n_trees", tree["n_trees"], 'must be 1 with "router": "topk" (the top-1 baseline over one tree\'s '
+                  "leaves)")
+        if tree.get("n_trees", 1) != 1 and backend == "tutel":
+            _fail("n_trees", tree["n_trees"], 'must be 1 with "backend": "tutel", whose dispatch takes one tree (the '
+                  "deepspeed backend dispatches forests)")
         if tree.get("soft_updates"):
             _fail("soft_updates", tree["soft_updates"], "must be 0: an expert-parallel tree routes each token to one "
                   "leaf from the first step (train the soft phase with the core FFF layer)")
@@ -138,7 +141,7 @@ class DeepSpeedFFFConfig:
             block = cls(replace, tree, dispatch, enabled, backend, router)
             # the tree's own checks, with a stand-in width (d_model comes from the module being replaced)
             block.fff_config(d_model=1, activation=tree["activation"] or "relu")
-            dispatch.check(2 ** block.depth, _world_size(), backend)
+            dispatch.check(block.n_trees * 2 ** block.depth, _world_size(), backend)
         except ValueError as e:
             message = str(e).replace("FFFConfig.", "").replace("DispatchConfig.", "")
             raise ValueError(f'"{BLOCK_KEY}" block: {message}') from None

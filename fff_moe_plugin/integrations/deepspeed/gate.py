@@ -77,7 +77,8 @@ def _routing_stats(router: TreeRouter, routing: Routing, used: Optional[Tensor],
 
 
 class TreeGate(nn.Module):
-    """FFF tree gate for ``deepspeed.moe.sharded_moe.MOELayer`` (Belcak & Wattenhofer, arXiv 2308.14711).
+    """FFF tree gate for ``deepspeed.moe.sharded_moe.MOELayer`` (Belcak & Wattenhofer, arXiv 2308.14711); a forest
+    of K trees routes each token to one leaf in each, K assignments per token as DeepSpeed's top-K gates make.
 
     Each token descends the tree of ``config.depth`` single-neuron nodes (``router``, a
     :class:`~fff_moe_plugin.router.TreeRouter`) to one leaf (expert); the leaf's output is weighted by the path
@@ -106,7 +107,7 @@ class TreeGate(nn.Module):
         super().__init__()
         self.config = config
         self.dispatch = DispatchConfig() if dispatch is None else dispatch
-        self.k = 1  # one leaf per token; DeepSpeed reads this attribute
+        self.k = config.n_trees  # leaves per token (one per tree); DeepSpeed reads this attribute
         self.ep_group = ep_group
         self._ep_world: Optional[int] = None  # the group's size, read once
         self.router = TreeRouter(config)
@@ -126,47 +127,47 @@ class TreeGate(nn.Module):
         sparse_routes: bool = False,
         use_tutel: bool = False,
     ) -> Union[tuple[Tensor, Tensor, int, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]:
-        # S tokens, d model width, N nodes, L leaves, D depth, C capacity per leaf
+        # S tokens, d model width, N nodes, L leaves (all the trees'), K trees, A = S * K assignments, C capacity
         c = self.config
-        S, L = input.shape[0], c.n_leaves
+        S, K, L = input.shape[0], c.n_trees, c.total_leaves
         # with token dropping the capacity follows from S alone: its agreement over the group runs while routing
         agreed = None if self.dispatch.dropless else self._fixed_capacity(S, input.device)
         # routing in float32 at least (float64 stays float64), as DeepSpeed's gates do: the core layer's router
         routing = self.router(input)
-        leaf = routing.leaf  # [S]
+        _, leaf = self.router.assignments(routing)  # [A]: each token's leaf in each tree, over all the trees
 
         if used_token is None:  # every token routed: no masking, no copies
             used = None
             group_counts = torch.bincount(leaf, minlength=L)  # [L]
             counts = group_counts  # [L] before capacity, like DeepSpeed's exp_counts
-            location = _arrival_rank(leaf, group_counts)  # [S]: position of each token among those sent to its leaf
+            location = _arrival_rank(leaf, group_counts)  # [A]: position of each assignment among its leaf's
         else:
-            used = used_token.reshape(S) > 0
-            route = torch.where(used, leaf, L)  # [S]; L = not routed
+            used = (used_token.reshape(S) > 0).repeat_interleave(K)  # [A]
+            route = torch.where(used, leaf, L)  # [A]; L = not routed
             group_counts = torch.bincount(route, minlength=L + 1)  # [L + 1]
             counts = group_counts[:L]
             location = _arrival_rank(route, group_counts)
         capacity = self._agree(*agreed) if agreed is not None else self._dropless_capacity(counts)
-        kept = location < capacity if used is None else used & (location < capacity)  # [S]
+        kept = location < capacity if used is None else used & (location < capacity)  # [A]
 
         l_aux, losses = self.router.losses(routing if used is None else routing.select(used))
         # the statistics read the leaves and path logits only: the record keeps no other tensor alive
-        stats_of = Routing(routing.path_nodes, routing.path_logits.detach(), leaf, routing.gate.detach())
+        stats_of = Routing(routing.path_nodes, routing.path_logits.detach(), routing.leaf, routing.gate.detach())
         self.last_record = RoutingRecord(losses, LazyStats(functools.partial(
             _routing_stats, self.router, stats_of, used, kept, capacity)))
 
-        gates = torch.where(kept, routing.gate, 0.0)  # [S]
-        if sparse_routes:
-            indices = torch.where(kept, leaf, -1).to(torch.int32)  # [S]
-            locations = torch.where(kept, location, 0).to(torch.int32)  # [S]
-            return l_aux, capacity, L, indices[None], locations[None], gates[None], counts
+        gates = torch.where(kept, routing.gate, 0.0)  # [A]
+        if sparse_routes:  # one (leaf, slot, gate) per tree and token: [K, S], as DeepSpeed's top-K gates give
+            indices = torch.where(kept, leaf, -1).to(torch.int32).view(S, K).t()
+            locations = torch.where(kept, location, 0).to(torch.int32).view(S, K).t()
+            return l_aux, capacity, L, indices, locations, gates.view(S, K).t(), counts
 
-        # dense contract: one-hot (leaf, slot) per kept token
+        # dense contract: one-hot (leaf, slot) per kept assignment, a token's K trees side by side
         C = int(capacity)
-        slot = torch.where(kept, leaf * C + location, torch.full_like(leaf, L * C))  # [S]; L*C = nowhere
+        slot = torch.where(kept, leaf * C + location, torch.full_like(leaf, L * C)).view(S, K)  # L*C = nowhere
         combine = torch.zeros(S, L * C + 1, dtype=gates.dtype, device=input.device)
-        combine = combine.scatter(1, slot[:, None], gates[:, None])  # [S, L*C + 1]
-        dispatch = F.one_hot(slot, L * C + 1).bool()
+        combine = combine.scatter_add(1, slot, gates.view(S, K))  # [S, L*C + 1]; a forest's trees' leaves differ
+        dispatch = F.one_hot(slot, L * C + 1).any(1)
         return l_aux, combine[:, : L * C].view(S, L, C), dispatch[:, : L * C].view(S, L, C), counts
 
     def _ep_world_size(self) -> int:

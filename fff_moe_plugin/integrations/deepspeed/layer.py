@@ -66,7 +66,7 @@ class FFFMoE(MoE, ExpertParallelFFF):
         c, d = config, dispatch
         leaf = LeafMLP(c.d_model, c.leaf_width, c.d_out, c.activation, c.bias, c.leaf_dropout)
         super().__init__(
-            hidden_size=c.d_model, expert=leaf, num_experts=c.n_leaves, ep_size=d.ep_size, k=1,
+            hidden_size=c.d_model, expert=leaf, num_experts=c.total_leaves, ep_size=d.ep_size, k=c.n_trees,
             capacity_factor=d.capacity_factor, eval_capacity_factor=d.eval_capacity_factor,
             min_capacity=d.min_capacity, use_residual=False, drop_tokens=not d.dropless, use_rts=False,
         )
@@ -212,9 +212,6 @@ def _check_arguments(config: FFFConfig, dispatch: DispatchConfig) -> None:
             f"FFFMoE: train_mode = {config.train_mode!r} is not allowed: must be 'hard' (each token is dispatched to "
             "one leaf; soft training runs every leaf for every token, which the core FFF layer does)"
         )
-    if config.n_trees != 1:
-        raise ValueError(f"FFFMoE: n_trees = {config.n_trees} is not allowed: DeepSpeed's dispatch takes one tree "
-                         "(a forest trains with the core FFF layer)")
     if config.soft_updates:
         raise ValueError(f"FFFMoE: soft_updates = {config.soft_updates} is not allowed: must be 0 (a soft phase runs "
                          "every leaf for every token, which DeepSpeed's one-leaf dispatch does not; the core FFF and "
@@ -222,9 +219,9 @@ def _check_arguments(config: FFFConfig, dispatch: DispatchConfig) -> None:
     if config.d_out != config.d_model:
         raise ValueError(f"FFFMoE: d_out = {config.d_out} must equal d_model = {config.d_model} (DeepSpeed's MoE "
                          "maps d_model to d_model)")
-    if config.n_leaves % dispatch.ep_size:
+    if config.total_leaves % dispatch.ep_size:
         raise ValueError(f"FFFMoE: ep_size = {dispatch.ep_size} is not allowed: must divide the "
-                         f"{config.n_leaves} leaves")
+                         f"{config.total_leaves} leaves")
     if dispatch.dropless_cap is not None:
         raise ValueError(f"FFFMoE: dropless_cap = {dispatch.dropless_cap} is not allowed: DeepSpeed's dispatch has "
                          "no capped dropless mode (the tutel backend has)")

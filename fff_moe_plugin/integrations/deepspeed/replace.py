@@ -42,7 +42,8 @@ class Replacement:
         c = self.fff
         what = ("DeepSpeed top-1 MoE" if block.router == "topk" else f"FFF ({block.backend})")
         return (f"{self.name}: Linear({self.d_model}->{self.hidden})+{self.activation}+Linear -> {what}, depth "
-                f"{c.depth}, {c.n_leaves} leaves x {c.leaf_width}, ep_size {block.ep_size}"
+                f"{c.depth}, {c.n_leaves} leaves x {c.leaf_width}"
+                f"{f' in each of {c.n_trees} trees' if c.n_trees > 1 else ''}, ep_size {block.ep_size}"
                 f"{', master leaf' if c.master_leaf else ''}")
 
 

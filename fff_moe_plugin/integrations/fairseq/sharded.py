@@ -162,7 +162,7 @@ class ShardedFFF(FeedForwardBlock):
     def extra_repr(self) -> str:
         leaves = self.local_leaves
         return (f"backend={self.spec.backend}, {self.spec.dispatch}, leaves {leaves.start}..{leaves.stop - 1} of "
-                f"{self.config.n_leaves}")
+                f"{self.config.total_leaves}")
 
 
 # the flag that sets each DispatchConfig field, to name it in refusals
@@ -175,15 +175,15 @@ def check_spec(config: FFFConfig, spec: ShardSpec) -> None:
         raise ValueError(f"--fff-backend {spec.backend!r} is not allowed here: ShardedFFF takes deepspeed or tutel")
     size, _ = world()
     try:
-        spec.dispatch.check(config.n_leaves, size, spec.backend)
+        spec.dispatch.check(config.total_leaves, size, spec.backend)
     except ValueError as e:
         message = str(e)
         for field, flag in _FLAGS.items():
             message = message.replace(f"DispatchConfig.{field} = ", f"{flag} ")
         raise ValueError(message) from None
-    if config.n_trees != 1:
-        raise ValueError(f"--fff-trees {config.n_trees} is not allowed with --fff-backend {spec.backend}: the sharded "
-                         "backends dispatch one tree (a forest trains with --fff-backend core)")
+    if config.n_trees != 1 and spec.backend == "tutel":
+        raise ValueError(f"--fff-trees {config.n_trees} is not allowed with --fff-backend tutel, whose dispatch takes "
+                         "one tree (--fff-backend deepspeed or core train forests)")
     if spec.backend == "deepspeed":
         if config.soft_updates:
             raise ValueError(f"--fff-soft-updates {config.soft_updates} is not allowed with --fff-backend deepspeed: "
@@ -232,8 +232,8 @@ def _save_core_format(module: ShardedFFF, state_dict: dict, prefix: str, local_m
     """State-dict hook: replace the backend's keys (this rank's leaves) by the core FFF's (all leaves)."""
     if module.spec.ep_size > 1 and not _GATHERING:
         raise RuntimeError(
-            f"the FFF block at {prefix!r} holds {module.config.n_leaves // module.spec.ep_size} of its "
-            f"{module.config.n_leaves} leaves (--fff-ep-size {module.spec.ep_size}): its state dict gathers "
+            f"the FFF block at {prefix!r} holds {module.config.total_leaves // module.spec.ep_size} of its "
+            f"{module.config.total_leaves} leaves (--fff-ep-size {module.spec.ep_size}): its state dict gathers "
             "the others, a collective; take it on every rank inside "
             "fff_moe_plugin.integrations.fairseq.sharded.gathering()"
         )

@@ -15,7 +15,8 @@ from helpers import assert_ok, run_rank_checks, run_rank_scripts
 
 pytest.importorskip("deepspeed", reason='needs DeepSpeed: pip install "fff-moe-plugin[deepspeed]"')
 
-CHECKS = ("ep_equality", "ep_equality_dropless_uneven", "zero_training", "engine_ep_equality", "checkpoints")
+CHECKS = ("ep_equality", "ep_equality_dropless_uneven", "ep_equality_forest", "zero_training", "engine_ep_equality",
+          "checkpoints")
 
 
 # ---------------------------------------------------------------------------------------------------- worker
@@ -74,8 +75,9 @@ def _train(engine, rank: int, steps: int) -> list[float]:
     return losses
 
 
-def check_ep_equality(rank: int, dropless: bool = False, uneven: bool = False) -> None:
-    """Same weights, same tokens per rank: ep_size 2 == ep_size 1 in outputs, l_aux, counts and gradients."""
+def check_ep_equality(rank: int, dropless: bool = False, uneven: bool = False, n_trees: int = 1) -> None:
+    """Same weights, same tokens per rank: ep_size 2 == ep_size 1 in outputs, l_aux, counts and gradients (a forest
+    of ``n_trees``: K assignments per token over all the trees' leaves, sharded together)."""
     import torch
     import torch.distributed as dist
 
@@ -83,7 +85,7 @@ def check_ep_equality(rank: int, dropless: bool = False, uneven: bool = False) -
     from fff_moe_plugin.integrations.deepspeed import FFFMoE
 
     cfg = FFFConfig(d_model=8, leaf_width=4, depth=3, train_mode="hard", hardening=0.1, load_balance="leaf",
-                    load_balance_coef=0.05, master_leaf=True)
+                    load_balance_coef=0.05, master_leaf=True, n_trees=n_trees)
     torch.manual_seed(0)
     core = FFF(cfg).double()
     knobs = dict(capacity_factor=4.0, eval_capacity_factor=4.0, min_capacity=0, drop_tokens=not dropless)
@@ -187,6 +189,7 @@ def worker(out_dir: str, checks: list[str]) -> None:
     every = {
         "ep_equality": check_ep_equality,
         "ep_equality_dropless_uneven": lambda rank: check_ep_equality(rank, dropless=True, uneven=True),
+        "ep_equality_forest": lambda rank: check_ep_equality(rank, n_trees=3),
         "zero_training": check_zero_training,
         "engine_ep_equality": check_engine_ep_equality,
         "checkpoints": lambda rank: check_checkpoints(rank, os.path.join(out_dir, "ckpt")),
@@ -211,6 +214,11 @@ def test_ep_size_2_equals_ep_size_1_outputs_aux_and_gradients(results):
 @pytest.mark.slow
 def test_dropless_capacity_is_agreed_across_ranks_with_uneven_token_counts(results):
     assert_ok(results, "ep_equality_dropless_uneven")
+
+
+@pytest.mark.slow
+def test_an_expert_parallel_forest_equals_the_one_rank_forest(results):
+    assert_ok(results, "ep_equality_forest")
 
 
 @pytest.mark.slow

@@ -36,10 +36,12 @@ def _cfg(**kw):
     return FFFConfig(**base)
 
 
-@pytest.mark.parametrize("load_balance", ["leaf", "node", "none"])
-@pytest.mark.parametrize("master_leaf", [True, False])
-def test_fffmoe_equals_core_fff_in_hard_mode_when_nothing_is_dropped(load_balance, master_leaf, device):
-    core = FFF(_cfg(load_balance=load_balance, master_leaf=master_leaf)).double()
+@pytest.mark.parametrize("load_balance, master_leaf, n_trees", [
+    ("leaf", True, 1), ("node", True, 1), ("none", True, 1), ("leaf", False, 1), ("node", False, 1),
+    ("none", False, 1), ("leaf", True, 3), ("node", False, 3),  # forests: K assignments per token
+])
+def test_fffmoe_equals_core_fff_in_hard_mode_when_nothing_is_dropped(load_balance, master_leaf, n_trees, device):
+    core = FFF(_cfg(load_balance=load_balance, master_leaf=master_leaf, n_trees=n_trees)).double()
     with torch.no_grad():
         if master_leaf:
             core.master.gate.fill_(0.7)
@@ -112,8 +114,10 @@ def test_no_parameter_outside_the_leaves_is_named_expert():
         assert inside == (getattr(p, "allreduce", True) is False), name
 
 
-def test_sparse_and_dense_gate_contracts_give_the_same_layer_output(device):
-    moe = FFFMoE(_cfg(), capacity_factor=0.5, min_capacity=1).to(device)  # small capacity: some tokens are dropped
+@pytest.mark.parametrize("n_trees", [1, 3])
+def test_sparse_and_dense_gate_contracts_give_the_same_layer_output(n_trees, device):
+    # small capacity: some tokens are dropped
+    moe = FFFMoE(_cfg(n_trees=n_trees), capacity_factor=0.5, min_capacity=1).to(device)
     gate, experts = moe.gate, moe.deepspeed_moe.experts
     x = torch.randn(40, 8, device=device)
     l1, C, E, idx, loc, gates, counts = gate(x, None, True)
