@@ -66,13 +66,19 @@ class FFF(FeedForwardBlock):
         lead = x.shape[:-1]
         x = self._flatten_input(x)  # [S, d]
         # eval on the compiled descent and grouped leaf kernels (ops/inference.py) where they apply; same function
-        kernels = not self.training and c.n_trees == 1 and inference.kernels_apply(x, *self.parameters())
+        kernels = not self.training and inference.kernels_apply(x, *self.parameters())
         routing = self.router(x, kernels=kernels)
         if routing.soft:  # every leaf of every tree, mixed by each tree's leaf probabilities
             y = self.leaves.mixture(x, routing.leaf_log_probs.exp().reshape(x.shape[0], c.total_leaves))
-        elif kernels:
-            w = self.leaves
-            y = inference.leaf_mlp(x, routing.leaf, routing.gate, w.w1, w.b1, w.w2, w.b2, c.activation)
+        elif kernels:  # each tree's leaves on the grouped leaf kernel, the trees' outputs summed
+            w, S, K, L = self.leaves, x.shape[0], c.n_trees, c.n_leaves
+            leaf, gate = routing.leaf.view(S, K), routing.gate.view(S, K)
+            y = None
+            for k in range(K):
+                t = slice(k * L, (k + 1) * L)
+                part = inference.leaf_mlp(x, leaf[:, k], gate[:, k], w.w1[t], None if w.b1 is None else w.b1[t],
+                                          w.w2[t], None if w.b2 is None else w.b2[t], c.activation)
+                y = part if y is None else y + part
         else:
             token, leaf = self.router.assignments(routing)  # a forest: one leaf per token in each tree, summed
             y = self.leaves(x, leaf, routing.gate, token)  # [S, o]

@@ -123,7 +123,7 @@ class TreeRouter(nn.Module):
         each tree: the record then has S * K rows, row ``s * K + k`` for token s in tree k (:meth:`assignments`)."""
         c = self.config
         if c.n_trees > 1:
-            return self._route_forest(x)
+            return self._route_forest(x, kernels)
         if self.trains_soft():
             logits = tree.leak(self.node_logits(x), c.region_leak)  # [S, N]
             log_p = tree.leaf_log_probs(logits, c.depth)  # [S, L]
@@ -152,18 +152,33 @@ class TreeRouter(nn.Module):
         return Routing(path_nodes, path_logits, end - c.n_nodes, self._gate(path_logits, end, shift), all_logits,
                        None, balance)
 
-    def _route_forest(self, x: Tensor) -> Routing:
+    def _route_forest(self, x: Tensor, kernels: bool = False) -> Routing:
         """The K trees at once: every node's logit in one matrix product ([S, K * N]), each tree's descent on its
-        own N of them (rows ``s * K + k``). Region leak and decision shifts as for one tree."""
+        own N of them (rows ``s * K + k``). Region leak and decision shifts as for one tree. With ``kernels``
+        (eval) each tree descends on the compiled kernel, computing only its visited nodes."""
         c = self.config
         S, K, N = x.shape[0], c.n_trees, c.n_nodes
+        shift = self.balance_bias
+        if kernels:
+            bias = self.node_bias if shift is None else (shift if self.node_bias is None else self.node_bias + shift)
+            parts = []
+            for k in range(K):
+                nodes = slice(k * N, (k + 1) * N)
+                parts.append(inference.descend(x, self.node_weight[nodes], None if bias is None else bias[nodes],
+                                               c.depth))  # (nodes [S, D], shifted logits [S, D], end [S])
+            path_nodes = torch.stack([p[0] for p in parts], 1).reshape(S * K, c.depth)
+            path_logits = torch.stack([p[1] for p in parts], 1).reshape(S * K, c.depth)
+            end = torch.stack([p[2] for p in parts], 1).reshape(S * K)
+            if shift is not None:  # the decisions saw each tree's shifts; the returned logits do not
+                forest_nodes = path_nodes + tree_of_row(S * K, K, x.device)[:, None] * N
+                path_logits = path_logits - shift.to(path_logits.dtype)[forest_nodes]
+            return Routing(path_nodes, path_logits, end - N, self._gate(path_logits, end, shift))
         logits = tree.leak(self.node_logits(x), c.region_leak if self.training else 0.0).reshape(S * K, N)
         if self.trains_soft():
             log_p = tree.leaf_log_probs(logits, c.depth)  # [S*K, L]
             path_nodes, end = tree.descend_from_logits(logits, c.depth)
             path_logits = tree.take_along(logits, path_nodes)
             return Routing(path_nodes, path_logits, end - N, self.leaf_gate(path_logits), logits, log_p)
-        shift = self.balance_bias
         if shift is None:
             path_nodes, end = tree.descend_from_logits(logits, c.depth)  # [S*K, D], [S*K]
         else:  # decisions on the shifted logits, everything else on the unshifted ones

@@ -158,3 +158,25 @@ def test_one_path_neuron_tree_is_todays_layer_bit_for_bit():
     one = UltraFastFFF(UltraFastConfig(d_model=6, depth=3, n_trees=1))
     x = torch.randn(9, 6)
     assert torch.equal(one(x).output, today(x).output)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_a_forest_evaluates_on_the_compiled_kernels_tree_by_tree(shifted):
+    from helpers import kernel_calls, why_no_kernels
+
+    reason = why_no_kernels()
+    if reason:
+        pytest.skip(reason)
+    forest = _forest(load_balance="bias" if shifted else "leaf").eval()
+    if shifted:
+        with torch.no_grad():
+            forest.router.balance_bias.copy_(torch.linspace(-0.3, 0.3, K * 3, dtype=torch.float64))
+    x = torch.randn(40, 6, dtype=torch.float64)
+    reference = forest(x)  # parameters require grad: the torch path
+    forest.requires_grad_(False)
+    with kernel_calls() as calls:
+        out = forest(x)
+    assert calls, "the kernels did not run"
+    torch.testing.assert_close(out.output, reference.output)
+    assert torch.equal(out.stats["counts"], reference.stats["counts"])
+    torch.testing.assert_close(to_fast_eval(forest).infer(x), reference.output)
