@@ -128,9 +128,6 @@ class DeepSpeedFFFConfig:
         if tree.get("n_trees", 1) != 1 and router == "topk":
             _fail("n_trees", tree["n_trees"], 'must be 1 with "router": "topk" (the top-1 baseline over one tree\'s '
                   "leaves)")
-        if tree.get("n_trees", 1) != 1 and backend == "tutel":
-            _fail("n_trees", tree["n_trees"], 'must be 1 with "backend": "tutel", whose dispatch takes one tree (the '
-                  "deepspeed backend dispatches forests)")
         if tree.get("soft_updates"):
             _fail("soft_updates", tree["soft_updates"], "must be 0: an expert-parallel tree routes each token to one "
                   "leaf from the first step (train the soft phase with the core FFF layer)")

@@ -83,9 +83,9 @@ class TutelFFFMoE(MoE, ExpertParallelFFF):
         if not isinstance(dispatch, DispatchConfig):
             raise TypeError(f"TutelFFFMoE: dispatch must be a DispatchConfig, got {type(dispatch).__name__}")
         ep_size = dispatch.ep_size
-        if config.n_leaves % ep_size:
-            raise ValueError(f"TutelFFFMoE: ep_size = {ep_size!r} is not allowed: must divide the {config.n_leaves} "
-                             "leaves")
+        if config.total_leaves % ep_size:
+            raise ValueError(f"TutelFFFMoE: ep_size = {ep_size!r} is not allowed: must divide the "
+                             f"{config.total_leaves} leaves")
         if config.d_out != config.d_model:
             raise ValueError(f"TutelFFFMoE: d_out = {config.d_out} must equal d_model = {config.d_model} "
                              "(a DeepSpeed MoE layer maps d_model to d_model)")
@@ -94,8 +94,8 @@ class TutelFFFMoE(MoE, ExpertParallelFFF):
         nn.Module.__init__(self)
         self.ep_size = ep_size
         self.expert_group_name = f"ep_size_{ep_size}"
-        self.num_experts = config.n_leaves
-        self.num_local_experts = config.n_leaves // ep_size
+        self.num_experts = config.total_leaves
+        self.num_local_experts = config.total_leaves // ep_size
         self.use_residual = False
         self.enable_expert_tensor_parallelism = False
         self.config = config

@@ -181,9 +181,6 @@ def check_spec(config: FFFConfig, spec: ShardSpec) -> None:
         for field, flag in _FLAGS.items():
             message = message.replace(f"DispatchConfig.{field} = ", f"{flag} ")
         raise ValueError(message) from None
-    if config.n_trees != 1 and spec.backend == "tutel":
-        raise ValueError(f"--fff-trees {config.n_trees} is not allowed with --fff-backend tutel, whose dispatch takes "
-                         "one tree (--fff-backend deepspeed or core train forests)")
     if spec.backend == "deepspeed":
         if config.soft_updates:
             raise ValueError(f"--fff-soft-updates {config.soft_updates} is not allowed with --fff-backend deepspeed: "

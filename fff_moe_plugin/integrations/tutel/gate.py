@@ -6,7 +6,8 @@ Tutel's gate contract (``tutel.impls.moe_layer.MOELayer``): the layer builds the
 scores, keeps each token's ``top_k`` best experts and uses their scores as the combine weights.
 
 The tree routes in two ways (FFF paper, arXiv 2308.14711; docs/methods.md §1):
-- descending (hard training and every eval): each token reaches one leaf by hard descent. Tutel's top-1 of
+- descending (hard training and every eval): each token reaches one leaf by hard descent (one in each tree of a
+  forest: top-K, each leaf at the log of its path probability, see :meth:`TutelTreeGate.forward`). Tutel's top-1 of
   the leaf probabilities would pick the most probable leaf, which is not always the leaf the descent
   reaches, and no distribution has the descended leaf as its strict maximum with weight P(path) when
   P(path) = 1/L. So the gate returns the descent as a one-hot (log 1 = 0 for the leaf, -inf elsewhere):
@@ -42,18 +43,19 @@ class TutelTreeGate(nn.Module):
 
     def __init__(self, model_dim: int, num_global_experts: int, config: FFFConfig, dispatch: DispatchConfig):
         super().__init__()
-        if model_dim != config.d_model or num_global_experts != config.n_leaves:
+        if model_dim != config.d_model or num_global_experts != config.total_leaves:
             raise ValueError(
                 f"TutelTreeGate: the Tutel layer has model_dim={model_dim} and {num_global_experts} experts, "
-                f"the tree d_model={config.d_model} and {config.n_leaves} leaves; they must agree"
+                f"the tree d_model={config.d_model} and {config.total_leaves} leaves; they must agree"
             )
         self.config = config
         self.dispatch = dispatch
         self.router = TreeRouter(config)  # values are filled in by the owning layer (TutelFFF.load_fff)
         # read by Tutel's layer on every call
-        self.top_k = 1
+        self.top_k = config.n_trees
         self.gate_noise = 0.0
         self._route: Routing | None = None
+        self.last_logits: Tensor | None = None  # what Tutel's softmax saw in the last call (the dropped count reads it)
         self.register_load_state_dict_pre_hook(_move_legacy_keys)
 
     @property
@@ -62,12 +64,22 @@ class TutelTreeGate(nn.Module):
         return self.dispatch.tutel_capacity_factor(self.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        # S tokens, d model width, N nodes, L leaves, D depth
+        # S tokens, d model width, N nodes, L leaves (all the trees'), D depth, K trees
+        c = self.config
+        S, K, L = x.shape[0], c.n_trees, c.total_leaves
         self._route = routing = self.router(x)
-        if routing.soft:
-            return routing.leaf_log_probs  # [S, L]
-        one_hot = torch.full((x.shape[0], self.config.n_leaves), float("-inf"), dtype=x.dtype, device=x.device)
-        return one_hot.scatter_(1, routing.leaf[:, None], 0.0)  # [S, L]
+        if routing.soft:  # each tree's log leaf probabilities side by side: Tutel's softmax gives p / K
+            logits = routing.leaf_log_probs.reshape(S, L)  # [S, L]
+        elif K == 1:  # the descended leaf, weight 1: the layer scales by the path probability
+            logits = torch.full((S, L), float("-inf"), dtype=x.dtype, device=x.device)
+            logits = logits.scatter_(1, routing.leaf[:, None], 0.0)  # [S, L]
+        else:  # a forest: each tree's leaf at log(path probability), so that Tutel's softmax weights tree k's leaf
+            # by g_k / sum_j g_j (differentiably); the layer multiplies by sum_j g_j
+            _, leaf = self.router.assignments(routing)
+            logits = torch.full((S, L), float("-inf"), dtype=routing.gate.dtype, device=x.device)
+            logits = logits.scatter(1, leaf.view(S, K), routing.gate.log().clamp_min(-1e4).view(S, K))
+        self.last_logits = logits.detach()
+        return logits
 
     def take_route(self) -> Routing:
         """The routing of the last call, once (a second take without a call in between is an error)."""

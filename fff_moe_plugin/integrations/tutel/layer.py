@@ -117,9 +117,6 @@ class TutelFFF(FeedForwardBlock, ExpertParallelFFF):
         c = config
         if c.d_model % 2:
             raise ValueError(f"TutelFFF: d_model = {c.d_model} is not allowed: Tutel's dispatch needs an even width")
-        if c.n_trees != 1:
-            raise ValueError(f"TutelFFF: n_trees = {c.n_trees} is not allowed: Tutel's dispatch takes one tree (a "
-                             "forest trains with the core FFF layer)")
         W, rank = _world(group)
         world, _ = _world(None)
         if 1 < W < world:
@@ -129,14 +126,14 @@ class TutelFFF(FeedForwardBlock, ExpertParallelFFF):
                 "without the group), which mismatches the other groups' collectives; shard the leaves over all "
                 "ranks (group=None), or keep them all on each rank (a group of one)"
             )
-        if c.n_leaves % W:
+        if c.total_leaves % W:
             raise ValueError(
-                f"TutelFFF: depth = {c.depth} ({c.n_leaves} leaves) is not allowed on {W} ranks: the leaves are "
+                f"TutelFFF: depth = {c.depth} ({c.total_leaves} leaves) is not allowed on {W} ranks: the leaves are "
                 f"sharded over the ranks, so the number of leaves must be a multiple of the group size "
                 f"(use depth >= {math.ceil(math.log2(W))} with a power-of-two group)"
             )
         self.dispatch = _dispatch(dispatch, capacity_factor, W)
-        self.dispatch.check(c.n_leaves, world, "tutel")
+        self.dispatch.check(c.total_leaves, world, "tutel")
         if init_from is not None and (not isinstance(init_from, FFF) or init_from.config != config):
             raise ValueError("TutelFFF: init_from must be an FFF with the same config")
         # NOTE: the initial values are a core FFF's, so that TutelFFF(config) under a seed equals FFF(config)
@@ -160,7 +157,7 @@ class TutelFFF(FeedForwardBlock, ExpertParallelFFF):
                 model_dim=c.d_model,
                 experts={
                     "type": "ffn",
-                    "num_experts_per_device": c.n_leaves // W,
+                    "num_experts_per_device": c.total_leaves // W,
                     "hidden_size_per_expert": c.leaf_width,
                     "output_dim": c.d_out,
                     "activation_fn_with_self": functools.partial(_leaf_hidden, c.activation, c.leaf_dropout),
@@ -186,7 +183,7 @@ class TutelFFF(FeedForwardBlock, ExpertParallelFFF):
     @property
     def local_leaves(self) -> range:
         """Global indices of the leaves this rank holds."""
-        n = self.config.n_leaves // self.world_size
+        n = self.config.total_leaves // self.world_size
         return range(self.rank * n, (self.rank + 1) * n)
 
     @property
@@ -268,16 +265,21 @@ class TutelFFF(FeedForwardBlock, ExpertParallelFFF):
         x = self._flatten_input(x)  # [S, d]
         c = self.config
         soft = self.router.trains_soft()  # soft training, or the soft phase of the schedule
-        k = c.n_leaves if soft else 1
+        k = c.total_leaves if soft else c.n_trees
         # NOTE: unequal token counts over ranks would give capped capacities that differ between ranks and
         # hang the all-to-all; Tutel then agrees on the largest count first (dropless agrees on its own)
         unequal = self.world_size > 1 and not self.dispatch.dropless
         # gate -> capacity -> fast_encode -> all-to-all -> leaves -> all-to-all -> fast_decode, all Tutel's
         tree_out = self.moe(x, top_k=k, adaptive_r=adaptive_r, inequivalent_tokens=unequal)  # [S, o]
         route = self.gate.take_route()
+        S, K = x.shape[0], c.n_trees
         if not soft:
-            # Tutel combined with weight 1 (one-hot gate, see gate.py): the path probability scales here
-            tree_out = tree_out * route.gate.to(tree_out.dtype)[:, None]
+            # Tutel combined one tree's leaf with weight 1, or a forest's with g_k / sum_j g_j (see gate.py): the
+            # path probability, or the sum of the trees' ones, scales here
+            scale = route.gate if K == 1 else route.gate.view(S, K).sum(1)
+            tree_out = tree_out * scale.to(tree_out.dtype)[:, None]
+        elif K > 1:  # Tutel's softmax over the K trees' leaf probabilities gave p / K
+            tree_out = tree_out * K
         y = tree_out if self.master is None else self.master.blend(x, tree_out)  # [S, o]
 
         stats = {
@@ -297,10 +299,7 @@ class TutelFFF(FeedForwardBlock, ExpertParallelFFF):
             return zero  # dropless: Tutel's capacity is the largest load over the group
         # Tutel's own routing on the scores it saw (softmax of the gate's logits) gives its capacity and each
         # assignment's slot; an assignment is dropped when its slot is beyond the capacity
-        if route.leaf_log_probs is not None:
-            scores = F.softmax(route.leaf_log_probs, dim=1)  # [S, L]
-        else:
-            scores = F.one_hot(route.leaf, self.config.n_leaves).to(route.path_logits.dtype)  # [S, L]
+        scores = F.softmax(self.gate.last_logits.float(), dim=1)  # [S, L]
         crit, _ = tutel_moe.top_k_routing(
             scores, top_k=k, loss_fn=None, capacity_factor=factor, group=self.moe.group,
             alignment=self.moe.sharded_count * self.moe.a2a_ffn_overlap_degree, inequivalent_tokens=unequal,

@@ -137,9 +137,9 @@ def assert_near(a, b):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_tutel_fff_equals_core_fff_in_hard_mode_outputs_and_gradients(world, tmp_path):
-    config = make_config()
+@pytest.mark.parametrize("world, n_trees", [(1, 1), (2, 1), (1, 3), (2, 3)])
+def test_tutel_fff_equals_core_fff_in_hard_mode_outputs_and_gradients(world, n_trees, tmp_path):
+    config = make_config(n_trees=n_trees)  # a forest of 3: each token to one leaf in each tree, top-3 in Tutel
     ranks = run(world, config, 0.0, tmp_path)  # dropless: nothing dropped
     outs, auxes, leaf, shared, evals = core_reference(world, config)
     for r, res in enumerate(ranks):
@@ -155,7 +155,7 @@ def test_tutel_fff_equals_core_fff_in_hard_mode_outputs_and_gradients(world, tmp
         assert res["fresh_differs"]
         assert torch.equal(res["reloaded"], res["eval_r1"])
         assert res["to_fff_equal"]
-    assert sorted(j for res in ranks for j in res["leaves"]) == list(range(config.n_leaves))
+    assert sorted(j for res in ranks for j in res["leaves"]) == list(range(config.total_leaves))
     # nodes and master leaf are replicated: their gradients, summed over ranks, are the core's
     for i, want in enumerate(shared):
         assert_near(sum(res["shared_grads"][i] for res in ranks), want)
@@ -213,8 +213,9 @@ def test_dropless_and_negative_factor_capacity(tmp_path):
     assert out.stats["dropped"].item() == dropped > 0
 
 
-def test_soft_training_mixes_every_leaf_like_the_core_soft_forward():
-    config = make_config(train_mode="soft")
+@pytest.mark.parametrize("n_trees", [1, 3])
+def test_soft_training_mixes_every_leaf_like_the_core_soft_forward(n_trees):
+    config = make_config(train_mode="soft", n_trees=n_trees)
     torch.manual_seed(0)
     core = FFF(config)
     layer = TutelFFF.from_fff(core)
