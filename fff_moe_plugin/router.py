@@ -79,10 +79,12 @@ class TreeRouter(nn.Module):
         self.node_weight = nn.Parameter(torch.empty(N, d).uniform_(-k, k))  # [N, d]
         self.node_bias = nn.Parameter(torch.empty(N).uniform_(-k, k)) if config.bias else None  # [N]
         # bias balancing (fff_moe_plugin.balancing): each node's decision shift, saved with the weights, and the
-        # tokens that reached it / went right since the last update (int64 [2, N], not saved)
+        # tokens that reached it / went right since the last update (int64 [2, N]). The counts are each rank's own:
+        # a plain attribute, not a buffer, so that neither the state dict nor DDP's buffer broadcast (which would
+        # overwrite them with rank 0's between micro-batches) touches them; _apply moves them with the module.
         on = config.bias_balancing
         self.register_buffer("balance_bias", torch.zeros(N) if on else None)
-        self.register_buffer("balance_counts", torch.zeros(2, N, dtype=torch.long) if on else None, persistent=False)
+        self.balance_counts: Optional[Tensor] = torch.zeros(2, N, dtype=torch.long) if on else None
         # the soft-to-hard schedule: the optimizer updates done (saved with the weights), and whether training is
         # still in its soft phase (a Python bool, so that a forward never reads a device value on the host)
         scheduled = config.soft_updates > 0
@@ -109,8 +111,10 @@ class TreeRouter(nn.Module):
     def _apply(self, fn, recurse=True):
         # module.to(bfloat16 / float16) casts every floating buffer; a shift moved in steps of 1e-3 needs float32
         super()._apply(fn, recurse)
-        if self.balance_bias is not None and self.balance_bias.dtype in (torch.float16, torch.bfloat16):
-            self.balance_bias = self.balance_bias.float()
+        if self.balance_bias is not None:
+            if self.balance_bias.dtype in (torch.float16, torch.bfloat16):
+                self.balance_bias = self.balance_bias.float()
+            self.balance_counts = fn(self.balance_counts)  # the device only: module.to casts floating tensors alone
         return self
 
     def node_logits(self, x: Tensor) -> Tensor:

@@ -121,6 +121,8 @@ def test_the_shift_stays_float32_when_the_layer_goes_to_bfloat16_and_the_counts_
     layer = FFF(_config()).to(torch.bfloat16)
     assert layer.router.balance_bias.dtype == torch.float32 and layer.router.balance_counts.dtype == torch.long
     assert layer.leaves.w1.dtype == torch.bfloat16
+    # the counts are each rank's own: no buffer, so DDP's buffer broadcast leaves them alone
+    assert "balance_counts" not in dict(layer.router.named_buffers())
 
 
 def test_the_shifts_travel_with_the_weights_and_combine_with_a_loss_and_the_master_leaf():
@@ -188,6 +190,28 @@ def check_core(rank: int) -> None:
     assert torch.equal(mine, layer.router.balance_bias)
 
 
+def check_ddp(rank: int) -> None:
+    """Under torch's DDP (which broadcasts rank 0's buffers before every forward), two micro-batches per rank still
+    count each rank's own tokens: the shifts are those of one process over all four micro-batches."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    layer = FFF(FFFConfig(d_model=16, leaf_width=4, depth=3, train_mode="hard", load_balance="bias",
+                          bias_update_rate=0.1)).train()
+    model = DDP(layer)
+    x = _data(rank)
+    with model.no_sync():
+        model(x[:24]).output.sum().backward()
+    model(x[24:]).output.sum().backward()
+    update_balance_biases(model)
+    torch.manual_seed(0)
+    alone = FFF(layer.config).train()
+    alone(_data(0))
+    alone(_data(1))
+    alone.router.apply_balance_counts(alone.router.balance_counts.clone())
+    assert torch.equal(layer.router.balance_bias, alone.router.balance_bias)
+
+
 def _engine_check(backend: str):
     def check(rank: int):
         import torch.distributed as dist
@@ -222,7 +246,8 @@ def _engine_check(backend: str):
     return check
 
 
-CHECKS = {"core": check_core, "engine_deepspeed": _engine_check("deepspeed"), "engine_tutel": _engine_check("tutel")}
+CHECKS = {"core": check_core, "ddp": check_ddp, "engine_deepspeed": _engine_check("deepspeed"),
+          "engine_tutel": _engine_check("tutel")}
 
 
 @pytest.mark.slow
