@@ -59,7 +59,8 @@ class Routing(NamedTuple):
 
 
 class TreeRouter(nn.Module):
-    """The nodes of a depth-D tree: ``node_weight`` [N, d] and ``node_bias`` [N] (docs/methods.md §1).
+    """The nodes of a depth-D tree: ``node_weight`` [N, d] and ``node_bias`` [N] (docs/methods.md §1); of a forest
+    of ``n_trees`` K such trees, one after the other: [K * N, d] and [K * N] (§6).
 
     Contract: ``forward(x [S, d]) -> Routing``. In training with ``train_mode="soft"`` every node's logit is
     computed and the leaves' path probabilities are returned for the mixture; otherwise each token descends to
