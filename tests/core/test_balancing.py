@@ -168,22 +168,29 @@ def _data(rank: int) -> torch.Tensor:
     return torch.randn(48 + 16 * rank, 16) + 0.5 * rank  # other tokens, other counts on each rank
 
 
+def _rank_layer() -> FFF:
+    torch.manual_seed(0)
+    return FFF(FFFConfig(d_model=16, leaf_width=4, depth=3, train_mode="hard", load_balance="bias",
+                         bias_update_rate=0.1)).train()
+
+
+def _shifts_of_one_process() -> torch.Tensor:
+    """The shifts one process gets from both ranks' tokens after one update."""
+    alone = _rank_layer()
+    alone(_data(0))
+    alone(_data(1))
+    alone.router.apply_balance_counts(alone.router.balance_counts.clone())
+    return alone.router.balance_bias
+
+
 def check_core(rank: int) -> None:
     """Each rank routes its own tokens; after one update the shifts are those of the counts of both ranks."""
     import torch.distributed as dist
 
-    torch.manual_seed(0)
-    layer = FFF(FFFConfig(d_model=16, leaf_width=4, depth=3, train_mode="hard", load_balance="bias",
-                          bias_update_rate=0.1)).train()
+    layer = _rank_layer()
     layer(_data(rank))
     update_balance_biases(layer)
-    # one process over both ranks' tokens
-    torch.manual_seed(0)
-    alone = FFF(layer.config).train()
-    alone(_data(0))
-    alone(_data(1))
-    alone.router.apply_balance_counts(alone.router.balance_counts.clone())
-    assert torch.equal(layer.router.balance_bias, alone.router.balance_bias)
+    assert torch.equal(layer.router.balance_bias, _shifts_of_one_process())
     assert (layer.router.balance_bias != 0).any()
     mine = layer.router.balance_bias.clone()
     dist.broadcast(mine, src=0)
@@ -195,21 +202,14 @@ def check_ddp(rank: int) -> None:
     count each rank's own tokens: the shifts are those of one process over all four micro-batches."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.manual_seed(0)
-    layer = FFF(FFFConfig(d_model=16, leaf_width=4, depth=3, train_mode="hard", load_balance="bias",
-                          bias_update_rate=0.1)).train()
+    layer = _rank_layer()
     model = DDP(layer)
     x = _data(rank)
     with model.no_sync():
         model(x[:24]).output.sum().backward()
     model(x[24:]).output.sum().backward()
     update_balance_biases(model)
-    torch.manual_seed(0)
-    alone = FFF(layer.config).train()
-    alone(_data(0))
-    alone(_data(1))
-    alone.router.apply_balance_counts(alone.router.balance_counts.clone())
-    assert torch.equal(layer.router.balance_bias, alone.router.balance_bias)
+    assert torch.equal(layer.router.balance_bias, _shifts_of_one_process())
 
 
 def _engine_check(backend: str):
