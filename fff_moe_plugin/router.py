@@ -141,20 +141,22 @@ class TreeRouter(nn.Module):
             path_nodes, path_logits, end = inference.descend(x, self.node_weight, bias, c.depth)
             if shift is not None:  # the decisions saw the shift; the returned logits do not
                 path_logits = path_logits - shift.to(path_logits.dtype)[path_nodes]
-            return Routing(path_nodes, path_logits, end - c.n_nodes, self._gate(path_logits, end, shift))
+            gate = self.leaf_gate(path_logits, self._turns(end, shift))
+            return Routing(path_nodes, path_logits, end - c.n_nodes, gate)
         leak = c.region_leak if self.training else 0.0
         every = self.training and c.load_balance == "leaf"  # the leaf balancing loss needs every node's logit
         path_nodes, path_logits, end, all_logits = tree.route(  # [S, D], [S, D], [S], [S, N] or None
             x, self.node_weight, bias, c.depth, leak_rate=leak, every_logit=every)
+        right = self._turns(end, shift)
         if shift is not None:  # region leak is off with bias balancing (FFFConfig), so the shift comes off exactly
             path_logits = path_logits - shift.to(path_logits.dtype)[path_nodes]
             all_logits = None if all_logits is None else all_logits - shift.to(all_logits.dtype)
             if self.training:
-                self._count(path_nodes, end)
+                self._count(path_nodes, right)
         balance = None
         if every:  # the descent's own logits when they carry no leak, else computed again without it
             balance = all_logits if leak == 0 else self.node_logits(x)
-        return Routing(path_nodes, path_logits, end - c.n_nodes, self._gate(path_logits, end, shift), all_logits,
+        return Routing(path_nodes, path_logits, end - c.n_nodes, self.leaf_gate(path_logits, right), all_logits,
                        None, balance)
 
     def _route_forest(self, x: Tensor, kernels: bool = False) -> Routing:
@@ -177,7 +179,7 @@ class TreeRouter(nn.Module):
             if shift is not None:  # the decisions saw each tree's shifts; the returned logits do not
                 forest_nodes = path_nodes + tree_of_row(S * K, K, x.device)[:, None] * N
                 path_logits = path_logits - shift.to(path_logits.dtype)[forest_nodes]
-            return Routing(path_nodes, path_logits, end - N, self._gate(path_logits, end, shift))
+            return Routing(path_nodes, path_logits, end - N, self.leaf_gate(path_logits, self._turns(end, shift)))
         logits = tree.leak(self.node_logits(x), c.region_leak if self.training else 0.0).reshape(S * K, N)
         if self.trains_soft():
             log_p = tree.leaf_log_probs(logits, c.depth)  # [S*K, L]
@@ -189,13 +191,14 @@ class TreeRouter(nn.Module):
         else:  # decisions on the shifted logits, everything else on the unshifted ones
             path_nodes, end = tree.descend_from_logits(logits + shift.to(logits.dtype).reshape(K, N).repeat(S, 1),
                                                        c.depth)
-            if self.training:
-                self._count(path_nodes + tree_of_row(S * K, K, x.device)[:, None] * N, end)
+        right = self._turns(end, shift)
+        if shift is not None and self.training:
+            self._count(path_nodes + tree_of_row(S * K, K, x.device)[:, None] * N, right)
         path_logits = tree.take_along(logits, path_nodes)  # [S*K, D]
         balance = None
         if self.training and c.load_balance == "leaf":  # every node's logit without region leak
             balance = logits if c.region_leak == 0 else self.node_logits(x).reshape(S * K, N)
-        return Routing(path_nodes, path_logits, end - N, self._gate(path_logits, end, shift), logits, None, balance)
+        return Routing(path_nodes, path_logits, end - N, self.leaf_gate(path_logits, right), logits, None, balance)
 
     def assignments(self, routing: Routing) -> tuple[Optional[Tensor], Tensor]:
         """``(token, leaf)`` of each row of a routing record, the leaf numbered over all the trees (tree k's leaf j
@@ -207,21 +210,17 @@ class TreeRouter(nn.Module):
         token = torch.arange(rows // K, device=routing.leaf.device).repeat_interleave(K)
         return token, forest_index(routing.leaf, K, self.config.n_leaves)
 
-    def _gate(self, path_logits: Tensor, end: Tensor, shift: Optional[Tensor]) -> Tensor:
-        """The hard forward's leaf weight; with decision shifts, the path probability of the path taken (whose turns
-        the shift may have set against a logit's sign), under the unshifted logits."""
+    def _turns(self, end: Tensor, shift: Optional[Tensor]) -> Optional[Tensor]:
+        """The turns taken [S, D] (1 = right) where decision shifts may have set them against the logits' signs;
+        None without shifts (the signs are the turns)."""
         if shift is None:
-            return self.leaf_gate(path_logits)
-        if self.config.train_mode == "soft" and not self.training:
-            return path_logits.new_ones(path_logits.shape[0])
-        _, right = tree.path_nodes_of_leaf(end - self.config.n_nodes, self.config.depth)  # [S, D]
-        return tree.path_log_prob(path_logits, right).exp()
+            return None
+        return tree.path_nodes_of_leaf(end - self.config.n_nodes, self.config.depth)[1]
 
     @torch.no_grad()
-    def _count(self, path_nodes: Tensor, end: Tensor) -> None:
+    def _count(self, path_nodes: Tensor, right: Tensor) -> None:
         """Add this call's tokens to ``balance_counts``: [0] reaching each node, [1] of those going right
-        (``path_nodes`` numbered over all the trees of a forest, ``end`` within each tree)."""
-        _, right = tree.path_nodes_of_leaf(end - self.config.n_nodes, self.config.depth)  # [S, D]
+        (``path_nodes`` numbered over all the trees of a forest)."""
         nodes = path_nodes.reshape(-1)
         self.balance_counts[0].index_add_(0, nodes, torch.ones_like(nodes))
         self.balance_counts[1].index_add_(0, nodes, right.reshape(-1).to(nodes.dtype))
@@ -238,13 +237,14 @@ class TreeRouter(nn.Module):
         self.balance_bias.sub_(step.to(self.balance_bias.dtype))
         self.balance_counts.zero_()
 
-    def leaf_gate(self, path_logits: Tensor) -> Tensor:
+    def leaf_gate(self, path_logits: Tensor, right: Optional[Tensor] = None) -> Tensor:
         """Weight of the chosen leaf's output in the hard forward: its path probability, or 1 for soft-trained
-        trees in eval (the paper evaluates them unscaled)."""
+        trees in eval (the paper evaluates them unscaled). ``right`` [S, D]: the turns taken, where decision
+        shifts may have set them against the logits' signs (the path probability is then that of the path taken,
+        under the unshifted logits); by default the signs."""
         if self.config.train_mode == "soft" and not self.training:
             return path_logits.new_ones(path_logits.shape[0])
-        right = path_logits >= 0
-        return tree.path_log_prob(path_logits, right).exp()
+        return tree.path_log_prob(path_logits, path_logits >= 0 if right is None else right).exp()
 
     def losses(self, routing: Routing) -> tuple[Tensor, dict[str, Tensor]]:
         """``(weighted aux loss, unweighted {"hardening", "load_balance"})`` of a training routing (float32
