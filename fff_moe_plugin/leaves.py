@@ -121,20 +121,22 @@ class LeafMLP(nn.Module):
 
 
 class MasterLeaf(LeafMLP):
-    """The master leaf: an always-on MLP M and a learned blend logit ``gate`` [1] (eFFF, docs/methods.md §3).
+    """The master leaf: an always-on MLP M and a learned blend logit ``gate`` (eFFF, docs/methods.md §3).
 
     ``blend(x, tree_out) = sigmoid(gate) * tree_out + (1 - sigmoid(gate)) * M(x)``. ``gate`` starts at 0, so tree
-    and master leaf start on an equal footing; it has shape [1] rather than [] because DeepSpeed's engine
-    broadcasts parameters as bytes, which a 0-dim tensor cannot be viewed as.
+    and master leaf start on an equal footing. Its shape is ``gate_shape``: [] in the core and Tutel layers, [1]
+    in DeepSpeed's (its engine broadcasts parameters as bytes, which a 0-dim tensor cannot be viewed as); each
+    layer keeps the shape its checkpoints, optimizer states included, were written with.
     """
 
     # the core FFF's and Tutel's order (DeepSpeed's FFFMoE passes LeafMLP's)
     PARAMETER_ORDER = ("w1", "b1", "w2", "b2")
 
     def __init__(self, d_model: int, width: int, d_out: int, activation: str, bias: bool = True,
-                 dropout: float = 0.0, parameter_order: tuple[str, ...] | None = None):
+                 dropout: float = 0.0, parameter_order: tuple[str, ...] | None = None,
+                 gate_shape: tuple[int, ...] = ()):
         super().__init__(d_model, width, d_out, activation, bias, dropout, parameter_order)
-        self.gate = nn.Parameter(torch.zeros(1))
+        self.gate = nn.Parameter(torch.zeros(gate_shape))
 
     def blend(self, x: Tensor, tree_out: Tensor) -> Tensor:
         """[..., d], [..., o] -> [..., o]."""

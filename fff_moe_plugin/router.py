@@ -277,8 +277,8 @@ class TreeRouter(nn.Module):
 # modules, and today's. The core FFF, DeepSpeed's TreeGate and FFFMoE, Tutel's gate and TutelFFF kept the nodes as
 # ``node_weight`` / ``node_bias``, the core FFF its leaves as ``leaf_w1`` ... ``leaf_b2``, and the master leaf as
 # ``master_w1`` ... ``master_b2`` (or as a ``master`` module) with its blend logit ``master_gate`` of shape [] or
-# [1]. Today they are ``router.node_weight``, ``leaves.{w1, b1, w2, b2}`` and ``master.{w1, b1, w2, b2, gate}``
-# (``gate`` of shape [1]).
+# [1]. Today they are ``router.node_weight``, ``leaves.{w1, b1, w2, b2}`` and ``master.{w1, b1, w2, b2, gate}``,
+# each of the same shape as before.
 LEGACY_NAMES: dict[str, str] = {
     "node_weight": "router.node_weight", "node_bias": "router.node_bias", "master_gate": "master.gate",
     **{f"master_{p}": f"master.{p}" for p in ("w1", "b1", "w2", "b2")},
@@ -297,8 +297,8 @@ def current_key(key: str) -> str:
 
 def move_legacy_keys(state_dict: dict, prefix: str) -> None:
     """Load-state-dict pre-hook helper: move the keys ``<prefix><old name>`` of :data:`LEGACY_NAMES` to today's
-    names, in place (the blend logit reshaped to [1])."""
+    names, in place (shapes are unchanged: each layer keeps the ones its checkpoints were written with)."""
     for old, new in LEGACY_NAMES.items():
         if prefix + old in state_dict and prefix + new not in state_dict:
             value = state_dict.pop(prefix + old)
-            state_dict[prefix + new] = value.reshape(1) if old == "master_gate" and torch.is_tensor(value) else value
+            state_dict[prefix + new] = value

@@ -74,10 +74,10 @@ class FFFMoE(MoE, ExpertParallelFFF):
         self.dispatch = dispatch
         self.ep_rank = ep_rank
         self.deepspeed_moe.gate = TreeGate(config, dispatch)
-        # the master leaf's parameters in the order of DeepSpeed's experts, which FFFMoE's checkpoints (optimizer
-        # states by position) were written in
+        # the master leaf's parameters in the order of DeepSpeed's experts and its blend logit of shape [1] (the
+        # engine's byte broadcast), as FFFMoE's checkpoints, optimizer states included, were written
         self.master = (MasterLeaf(c.d_model, c.master_leaf_width, c.d_out, c.activation, c.bias, c.leaf_dropout,
-                                  parameter_order=LeafMLP.PARAMETER_ORDER) if c.master_leaf else None)
+                                  parameter_order=LeafMLP.PARAMETER_ORDER, gate_shape=(1,)) if c.master_leaf else None)
         self.last: Optional[BlockOutput] = None
         self.load_fff(core)
         self.register_load_state_dict_pre_hook(_move_legacy_keys)

@@ -109,6 +109,10 @@ class TutelFFFMoE(MoE, ExpertParallelFFF):
 
         self.tutel = TutelFFF(config, dispatch, _expert_parallel_group(ep_size), scan_expert_func=tag,
                               init_from=init_from)
+        if config.master_leaf:
+            # DeepSpeed's engine broadcasts every parameter as bytes (p.view(torch.uint8)), which a 0-dim tensor
+            # cannot do: the blend logit is kept as [1], as FFFMoE keeps it
+            self.tutel.master.gate = nn.Parameter(self.tutel.master.gate.detach().reshape(1))
         self.register_state_dict_post_hook(_to_deepspeed_layout)
         self.register_load_state_dict_pre_hook(_from_deepspeed_layout)
 

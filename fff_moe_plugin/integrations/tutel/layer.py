@@ -221,7 +221,7 @@ class TutelFFF(FeedForwardBlock, ExpertParallelFFF):
         if not isinstance(fff, FFF) or fff.config != self.config:
             raise ValueError("TutelFFF.load_fff needs an FFF with the same config")
         for mine, theirs in self._shared_pairs(fff):
-            mine.copy_(theirs)
+            mine.copy_(theirs.reshape(mine.shape))  # the blend logit: [1] under DeepSpeed (TutelFFFMoE), else []
         mine = slice(self.local_leaves.start, self.local_leaves.stop)
         e = self.moe.experts
         e.batched_fc1_w.copy_(fff.leaves.w1[mine].transpose(1, 2))  # Tutel keeps fc1 as [E, l, d]
@@ -235,7 +235,7 @@ class TutelFFF(FeedForwardBlock, ExpertParallelFFF):
         """The core FFF with this layer's weights, leaves gathered from every rank (collective: all ranks call)."""
         out = FFF(self.config).to(self.router.node_weight.dtype)
         for mine, theirs in self._shared_pairs(out):
-            theirs.copy_(mine)
+            theirs.copy_(mine.reshape(theirs.shape))
         e = self.moe.experts
         out.leaves.w1.copy_(self._gather(e.batched_fc1_w).transpose(1, 2))
         out.leaves.w2.copy_(self._gather(e.batched_fc2_w))

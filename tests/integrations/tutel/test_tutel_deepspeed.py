@@ -59,7 +59,7 @@ def _worker(rank, world, port, path):
     result["deepspeed"]["leaf_grads"] = [torch.stack([getattr(leaf, n).grad for leaf in leaves])
                                          for n in ("w1", "b1", "w2", "b2")]
     result["deepspeed"]["shared_grads"] = [ds.router.node_weight.grad, ds.router.node_bias.grad] + [
-        ds.get_parameter(n).grad for n in MASTER]
+        ds.get_parameter(n).grad.reshape(tu.get_parameter(n).shape) for n in MASTER]  # the blend logit: [1] -> []
     e = tu.moe.experts
     result["tutel"]["leaf_grads"] = [e.batched_fc1_w.grad.transpose(1, 2), e.batched_fc1_bias.grad,
                                      e.batched_fc2_w.grad, e.batched_fc2_bias.grad]
