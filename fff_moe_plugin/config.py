@@ -217,6 +217,10 @@ class FFFConfig(BlockConfig):
         self._float("bias_update_rate", 0.0)
         if self.load_balance == "bias" and self.bias_update_rate == 0:
             self._set("bias_update_rate", self.DEFAULT_BIAS_UPDATE_RATE)
+        if self.bias_balancing and self.train_mode == "soft":
+            _fail(type(self).__name__, "train_mode", self.train_mode,
+                  "must be 'hard' with bias balancing: its decision shifts move with the hard decisions of training, "
+                  "and a soft tree makes none (it trains on every leaf); soft_updates gives a hard tree a soft start")
         if self.bias_balancing and self.region_leak > 0:
             _fail(type(self).__name__, "region_leak", self.region_leak,
                   "must be 0 with bias balancing (a leaked decision and a shifted one cannot both be undone); use "

@@ -122,6 +122,15 @@ def test_compare_refusals_exit_with_2(capsys, tmp_path):
     assert "--setting 'huge' is not allowed" in capsys.readouterr().err
     assert main(["compare", "--only", "nothing", "--out", str(tmp_path / "c")]) == 2
     assert "--only nothing is not allowed" in capsys.readouterr().err
+    for flags, said in ((["--seeds", "0"], "--seeds 0 is not allowed: at least 1"),
+                        (["--seed", "0"], "--seed 0 is not allowed: seeds count from 1"),
+                        (["--valid-points", "0"], "--valid-points 0 is not allowed"),
+                        (["--forest-trees", "0"], "--forest-trees 0 is not allowed"),
+                        (["--bias-update-rate", "0"], "--bias-update-rate 0.0 is not allowed: must be > 0"),
+                        (["--balance-coef=-inf"], "--balance-coef -inf is not allowed: must be a finite number")):
+        assert main(["compare", *flags, "--out", str(tmp_path / "c")]) == 2
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
     assert main(["cpu-ranks", "-n", "2"]) == 2
     assert "after '--'" in capsys.readouterr().err
 

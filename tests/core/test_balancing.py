@@ -33,7 +33,7 @@ def _leaf_out(layer: FFF, x: torch.Tensor, j: int) -> torch.Tensor:
     return torch.relu(x @ w.w1[j] + w.b1[j]) @ w.w2[j] + w.b2[j]
 
 
-def test_load_balance_bias_turns_on_the_shifts_at_deepseeks_rate_and_refuses_region_leak():
+def test_load_balance_bias_turns_on_the_shifts_at_deepseeks_rate_and_refuses_region_leak_and_soft_trees():
     c = _config()
     assert c.bias_balancing and c.bias_update_rate == 1e-3
     assert _config(load_balance="leaf", bias_update_rate=0.01).bias_balancing
@@ -42,6 +42,10 @@ def test_load_balance_bias_turns_on_the_shifts_at_deepseeks_rate_and_refuses_reg
         _config(region_leak=0.1)
     with pytest.raises(ValueError, match="bias_update_rate = -0.1 is not allowed"):
         _config(bias_update_rate=-0.1)
+    # a soft tree makes no hard decision in training, so its shifts would never move
+    with pytest.raises(ValueError, match="train_mode = 'soft' is not allowed: must be 'hard' with bias balancing"):
+        _config(train_mode="soft")
+    assert _config(soft_updates=10).bias_balancing  # a soft start, then hard decisions that move the shifts
 
 
 def test_zero_shifts_compute_the_plain_hard_layer_bit_for_bit():

@@ -1,48 +1,243 @@
-"""The comparison's outputs: one table (printed and as Markdown), the results as JSON, and a PNG plot of
-perplexity against the share of feedforward parameters used per token, with leaf/expert-usage histograms."""
+"""The comparison's outputs: one table per group (printed and as Markdown), mean ± std over the seeds present, the
+rankings and how they compare with a longer run of the same settings, the results as JSON, and a PNG with the
+validation curves, perplexity against the share read per token, and the usage entropy over training."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import statistics
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
-from .comparison import Result
+from .comparison import COMPUTE, GROUPS, PARAMS, Result, Run
 
-COLUMNS = ("model", "params", "FF params", "% FF used/token", "valid ppl", "test ppl", "train tok/s",
-           "FF infer tok/s", "usage entropy", "unused")
-
-
-def rows(results: list[Result]) -> list[list[str]]:
-    def opt(v, fmt):
-        return "-" if v is None else format(v, fmt)
-
-    return [[r.label, f"{r.params:,}", f"{r.ff_params:,}", f"{r.ff_percent_used:.1f}", f"{r.valid_ppl:.1f}",
-             f"{r.test_ppl:.1f}", f"{r.train_tokens_per_s:,.0f}", f"{r.ff_infer_tokens_per_s:,.0f}",
-             opt(r.usage_entropy, ".2f"), opt(r.unused, ".1f")] for r in results]
+# the long run the default's ranking is checked against (docs/results/lm.md: its pieces and table live in
+# docs/results/lm/), when its settings match
+REFERENCE = Path(__file__).resolve().parents[3] / "docs" / "results" / "lm" / "comparison.json"
 
 
-def markdown(results: list[Result]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows(results)]
-    return "\n".join(lines) + "\n"
+@dataclass
+class Stat:
+    mean: float
+    std: Optional[float]  # sample standard deviation; None with one seed
+    lo: float
+    hi: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stat:
+        return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None,
+                   min(values), max(values))
+
+    def text(self, fmt: str = ".2f") -> str:
+        return format(self.mean, fmt) + ("" if self.std is None else f" ± {self.std:{fmt}}")
 
 
-def text_table(results: list[Result]) -> str:
-    table = [list(COLUMNS)] + rows(results)
-    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
-    fmt = [row[0].ljust(widths[0]) + "  " + "  ".join(c.rjust(w) for c, w in zip(row[1:], widths[1:]))
-           for row in table]
-    return "\n".join([fmt[0], "-" * len(fmt[0]), *fmt[1:]])
+@dataclass
+class Summary:
+    """One model over its seeds."""
+
+    label: str
+    description: str
+    groups: tuple[str, ...]
+    seeds: list[int]
+    params: int
+    ff_params: int
+    ff_percent_used: float
+    leaf_share: Optional[float]  # trees: the share of leaves a token reads, 1 / 2^depth
+    valid: Stat
+    best: Stat
+    test: Stat
+    train_tokens_per_s: float
+    ff_infer_tokens_per_s: float
+    usage_entropy: Optional[float]
+    max_entropy: Optional[float]
+    unused: Optional[float]
+    wall_s: float
+    curve: list[dict[str, float]] = field(default_factory=list)  # per update: mean, lo, hi ppl; usage entropy
+    gradients: list[dict[str, float]] = field(default_factory=list)  # trees, per logged update: the mean gradient
+    # norms of the nodes and of the leaves
 
 
-def write(results: list[Result], out: Path, context: dict) -> dict[str, Path]:
+def summarise(found: dict[str, list[Result]], runs: list[Run]) -> list[Summary]:
+    """The models of ``runs`` that have finished pieces, in the order of ``runs``."""
+    out = []
+    for run in runs:
+        pieces = found.get(run.label)
+        if not pieces:
+            continue
+        depth = getattr(run.block, "depth", None)
+        updates = sorted(set.intersection(*[{int(p["update"]) for p in r.curve} for r in pieces]))
+        curve = []
+        for u in updates:
+            points = [next(p for p in r.curve if int(p["update"]) == u) for r in pieces]
+            ppl = [p["ppl"] for p in points]
+            ent = [p["usage_entropy"] for p in points if "usage_entropy" in p]
+            curve.append({"update": u, "ppl": statistics.fmean(ppl), "lo": min(ppl), "hi": max(ppl),
+                          **({"usage_entropy": statistics.fmean(ent)} if ent else {})})
+
+        logged = [{int(p["update"]): p for p in r.train_curve if "gnorm_nodes" in p} for r in pieces]
+        gradients = [{"update": u, **{k: statistics.fmean(g[u][k] for g in logged) for k in ("gnorm_nodes",
+                                                                                          "gnorm_leaves")}}
+                     for u in sorted(set.intersection(*[set(g) for g in logged]))]
+        out.append(Summary(
+            label=run.label, description=run.description, groups=run.groups, seeds=[r.seed for r in pieces],
+            params=round(statistics.fmean(r.params for r in pieces)), ff_params=pieces[0].ff_params,
+            ff_percent_used=pieces[0].ff_percent_used, leaf_share=None if depth is None else 2.0 ** -depth,
+            valid=Stat.of([r.valid_ppl for r in pieces]), best=Stat.of([r.best_valid_ppl for r in pieces]),
+            test=Stat.of([r.test_ppl for r in pieces]),
+            train_tokens_per_s=statistics.fmean(r.train_tokens_per_s for r in pieces),
+            ff_infer_tokens_per_s=statistics.fmean(r.ff_infer_tokens_per_s for r in pieces),
+            usage_entropy=_mean_of(pieces, "usage_entropy"), max_entropy=pieces[0].max_entropy,
+            unused=_mean_of(pieces, "unused"),
+            wall_s=sum(r.wall_s for r in pieces), curve=curve, gradients=gradients,
+        ))
+    return out
+
+
+def _mean_of(pieces: list[Result], name: str) -> Optional[float]:
+    values = [getattr(r, name) for r in pieces if getattr(r, name) is not None]
+    return statistics.fmean(values) if values else None
+
+
+COLUMNS = ("model", "% FF read", "valid ppl, last", "valid ppl, best", "test ppl", "seeds", "usage entropy (max)",
+           "unused", "train tok/s", "FF infer tok/s", "params")
+
+
+def _row(s: Summary) -> list[str]:
+    ent = "-" if s.usage_entropy is None else f"{s.usage_entropy:.2f} ({s.max_entropy:.2f})"
+    return [s.label, f"{s.ff_percent_used:.1f}", s.valid.text(), s.best.text(), s.test.text(),
+            ",".join(map(str, s.seeds)), ent, "-" if s.unused is None else f"{s.unused:.1f}",
+            f"{s.train_tokens_per_s:,.0f}", f"{s.ff_infer_tokens_per_s:,.0f}", f"{s.params:,}"]
+
+
+def group_rows(summaries: list[Summary], group: str) -> list[Summary]:
+    return [s for s in summaries if group in s.groups]
+
+
+def _group_title(group: str, rows: list[Summary]) -> str:
+    ff = [s.ff_params for s in rows]
+    if group == PARAMS and ff:
+        spread = 100 * (max(ff) - min(ff)) / max(ff)
+        return f"{group} (feedforward blocks {min(ff):,} to {max(ff):,} parameters, {spread:.1f}% apart)"
+    used = [s.ff_percent_used for s in rows]
+    return f"{group} ({min(used):.1f}% to {max(used):.1f}% of the feedforward parameters read per token)" if used \
+        else group
+
+
+def markdown(summaries: list[Summary]) -> str:
+    lines = []
+    for group in GROUPS:
+        rows = group_rows(summaries, group)
+        if not rows:
+            continue
+        lines += [f"**{_group_title(group, rows)}**", "", "| " + " | ".join(COLUMNS) + " |",
+                  "|" + "|".join("---" for _ in COLUMNS) + "|"]
+        lines += ["| " + " | ".join(_row(s)) + " |" for s in rows] + [""]
+    return "\n".join(lines)
+
+
+def text_table(summaries: list[Summary]) -> str:
+    out = []
+    for group in GROUPS:
+        rows = group_rows(summaries, group)
+        if not rows:
+            continue
+        table = [list(COLUMNS)] + [_row(s) for s in rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+        fmt = [row[0].ljust(widths[0]) + "  " + "  ".join(c.rjust(w) for c, w in zip(row[1:], widths[1:]))
+               for row in table]
+        out += [_group_title(group, rows).capitalize(), fmt[0], "-" * len(fmt[0]), *fmt[1:], ""]
+    return "\n".join(out).rstrip()
+
+
+# -- what the table says ---------------------------------------------------------------------------------------
+def ranking(rows: list[Summary]) -> str:
+    """Models from best to worst last validation perplexity; ``≈`` where two neighbours are within one standard
+    deviation of either (with several seeds)."""
+    ordered = sorted(rows, key=lambda s: s.valid.mean)
+    text = ordered[0].label if ordered else ""
+    for a, b in zip(ordered, ordered[1:]):
+        noise = max(a.valid.std or 0.0, b.valid.std or 0.0)
+        text += (" ≈ " if noise and b.valid.mean - a.valid.mean <= noise else " < ") + b.label
+    return text
+
+
+def _gap(a: Summary, b: Summary) -> str:
+    return f"{100 * (a.valid.mean / b.valid.mean - 1):+.1f}%"
+
+
+def findings(summaries: list[Summary]) -> list[str]:
+    """The comparison's answers, in words: the rankings, the best trees against dense at 1/8 and 1/16 of the
+    leaves read, and the trees of equal active compute against sigma-MoE."""
+    lines = []
+    for group in GROUPS:
+        rows = group_rows(summaries, group)
+        if len(rows) > 1:
+            lines.append(f"Ranking, {group} (last valid ppl, best first): {ranking(rows)}")
+    by = {s.label: s for s in summaries}
+    trees = [s for s in group_rows(summaries, PARAMS) if s.leaf_share is not None]
+    if "dense" in by:
+        for share, name in ((1 / 8, "1/8"), (1 / 16, "1/16")):
+            fit = [s for s in trees if s.leaf_share <= share + 1e-12]
+            if fit:
+                best = min(fit, key=lambda s: s.valid.mean)
+                dense = by["dense"]
+                lines.append(f"Best tree reading at most {name} of its leaves: {best.label}, valid ppl "
+                             f"{best.valid.text()} against dense {dense.valid.text()} ({_gap(best, dense)})")
+    moe = by.get("sigma_moe")
+    equal = [s for s in group_rows(summaries, COMPUTE) if s.leaf_share is not None]
+    if moe and equal:
+        best = min(equal, key=lambda s: s.valid.mean)
+        diff = moe.valid.mean - best.valid.mean
+        noise = max(best.valid.std or 0.0, moe.valid.std or 0.0)
+        verdict = ("one seed, so no noise estimate (--seeds 3 gives one)" if not noise else
+                   f"{'more' if abs(diff) > noise else 'less'} than the larger standard deviation, {noise:.2f}")
+        lines.append(f"Equal active compute: {best.label} {best.valid.text()} against sigma-MoE {moe.valid.text()}: "
+                     f"{'ahead' if diff > 0 else 'behind'} by {abs(diff):.2f}, {verdict}")
+    return lines
+
+
+def against_reference(summaries: list[Summary], context: dict[str, Any], reference: Path = REFERENCE) -> str:
+    """Whether the rankings hold in a longer run of the same settings (``reference``, as ``write`` saves it),
+    in words."""
+    if not reference.is_file():
+        return f"No longer run to check these rankings against ({reference} is absent)."
+    ref = json.loads(reference.read_text())
+    ref_updates = ref["context"].get("updates per model", 0)
+    if any(ref["context"].get(k) != v for k, v in context.items() if k != "updates per model"):
+        return (f"The long run in {reference.name} used other settings, so this run's ranking is not checked "
+                "against it.")
+    if ref_updates <= context["updates per model"]:
+        return f"The run in {reference.name} is no longer than this one ({ref_updates} updates per model)."
+    theirs = {s["label"]: s for s in ref["summaries"]}
+    flips = []
+    for group in GROUPS:
+        rows = [s for s in group_rows(summaries, group) if s.label in theirs]
+        for i, a in enumerate(rows):
+            for b in rows[i + 1:]:
+                here = a.valid.mean < b.valid.mean
+                there = theirs[a.label]["valid"]["mean"] < theirs[b.label]["valid"]["mean"]
+                if here != there:
+                    first, second = (a, b) if here else (b, a)
+                    flips.append(f"{first.label} ahead of {second.label} here, behind it there")
+    seeds = max(len(s["seeds"]) for s in ref["summaries"])
+    where = f"the run of {ref_updates} updates per model with {seeds} seed(s) (docs/results/lm.md)"
+    if not flips:
+        return f"Every ranking here holds in {where}."
+    return (f"This length is not telling: {len(flips)} pair(s) rank the other way in {where}: "
+            + "; ".join(sorted(set(flips))) + ".")
+
+
+# -- files ------------------------------------------------------------------------------------------------------
+def write(summaries: list[Summary], out: Path, context: dict[str, Any], notes: list[str]) -> dict[str, Path]:
     """Write ``comparison.md``, ``comparison.json`` and (with matplotlib) ``comparison.png`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "comparison.md", "json": out / "comparison.json"}
     header = "".join(f"- {k}: {v}\n" for k, v in context.items())
-    paths["markdown"].write_text(header + "\n" + markdown(results))
-    paths["json"].write_text(json.dumps({"context": context, "results": [asdict(r) for r in results]}, indent=1))
+    paths["markdown"].write_text(header + "\n" + markdown(summaries) + "\n" + "".join(f"- {n}\n" for n in notes))
+    paths["json"].write_text(json.dumps({"context": context, "notes": notes,
+                                         "summaries": [asdict(s) for s in summaries]}, indent=1))
     import logging
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's logging set-up leaves DEBUG on
@@ -54,32 +249,69 @@ def write(results: list[Result], out: Path, context: dict) -> dict[str, Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with_counts = [r for r in results if r.counts]
-    fig, axes = plt.subplots(1, 1 + len(with_counts), figsize=(4.2 * (1 + len(with_counts)), 3.6), squeeze=False)
-    ax = axes[0][0]
-    for r in results:
-        ax.scatter(r.ff_percent_used, r.valid_ppl)
-        ax.annotate(r.label, (r.ff_percent_used, r.valid_ppl), fontsize=8)
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    ax = axes[0]
+    for i, s in enumerate(summaries):
+        c = colours[i % len(colours)]
+        style = "-" if PARAMS in s.groups else "--"
+        x = [p["update"] for p in s.curve]
+        ax.plot(x, [p["ppl"] for p in s.curve], style, color=c, label=s.label, lw=1.3)
+        if len(s.seeds) > 1:
+            ax.fill_between(x, [p["lo"] for p in s.curve], [p["hi"] for p in s.curve], color=c, alpha=0.15)
+    ax.set_yscale("log")
+    tail = [p["ppl"] for s in summaries for p in s.curve[len(s.curve) // 3:]]
+    if tail:
+        ax.set_ylim(min(tail) / 1.03, max(tail) * 1.05)
+    ax.set_xlabel("update")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title("validation (dashed: equal active compute only)")
+    ax.legend(fontsize=7, ncol=2)
+
+    ax = axes[1]
+    for i, s in enumerate(summaries):
+        ax.errorbar(s.ff_percent_used, s.valid.mean, yerr=s.valid.std or 0.0, fmt="o",
+                    color=colours[i % len(colours)], capsize=3)
+        ax.annotate(s.label, (s.ff_percent_used, s.valid.mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
-    # plain-number ticks (1, 2, 5, 10, ...) within the data's range: the default log labels overlap on a narrow range
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    used = [r.ff_percent_used for r in results]
+    used = [s.ff_percent_used for s in summaries] or [1.0]
     lo, hi = min(used) / 1.4, max(used) * 1.6
     ax.set_xlim(lo, hi)
     ax.xaxis.set_major_locator(FixedLocator([t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if lo <= t <= hi]))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_xlabel("% of feedforward parameters used per token")
-    ax.set_ylabel("validation perplexity")
-    ax.set_title("equal parameters")
-    for ax, r in zip(axes[0][1:], with_counts):
-        counts = r.counts[0]
-        total = sum(counts) or 1
-        ax.bar(range(len(counts)), [c / total for c in counts], width=1.0)
-        ax.set_title(f"{r.label}: layer 0 usage")
-        ax.set_xlabel("leaf / expert / slot")
-        ax.set_ylabel("share of tokens")
+    ax.set_xlabel("% of feedforward parameters read per token")
+    ax.set_ylabel("last validation perplexity (mean ± std)")
+    ax.set_title("quality against the share read")
+
+    ax = axes[2]
+    for i, s in enumerate(summaries):
+        points = [p for p in s.curve if "usage_entropy" in p]
+        if points and s.max_entropy:
+            ax.plot([p["update"] for p in points], [p["usage_entropy"] / s.max_entropy for p in points],
+                    "-" if PARAMS in s.groups else "--", color=colours[i % len(colours)], label=s.label, lw=1.3)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("update")
+    ax.set_ylabel("usage entropy / its maximum (validation)")
+    ax.set_title("how evenly leaves / experts / slots are used")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+    ax = axes[3]
+    for i, s in enumerate(summaries):
+        if s.gradients:
+            x = [p["update"] for p in s.gradients]
+            c = colours[i % len(colours)]
+            ax.plot(x, [p["gnorm_nodes"] for p in s.gradients], "-", color=c, label=f"{s.label} nodes", lw=1.3)
+            ax.plot(x, [p["gnorm_leaves"] for p in s.gradients], ":", color=c, lw=1.0)
+    ax.set_yscale("log")
+    ax.set_xlabel("update")
+    ax.set_ylabel("gradient norm (train, after clipping)")
+    ax.set_title("trees: nodes (solid) and leaves (dotted)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     paths["plot"] = out / "comparison.png"
     fig.savefig(paths["plot"], dpi=110)

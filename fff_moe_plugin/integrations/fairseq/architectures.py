@@ -14,10 +14,7 @@ from fairseq.models.transformer_lm import base_lm_architecture
 from fairseq.utils import safe_getattr
 
 from . import models  # noqa: F401  (the block models must be registered before their architectures)
-from .presets import KINDS, SETTINGS, arch_name, fairseq_args
-
-MODEL_OF_KIND = {"dense": "transformer_lm", "fff": "transformer_lm_fff", "sigma_moe": "transformer_lm_sigma_moe",
-                 "pkm": "transformer_lm_pkm"}
+from .presets import KINDS, MODEL_OF_KIND, SETTINGS, arch_name, fairseq_args
 
 
 def _architecture(values: dict[str, Any]) -> Callable[[Any], None]:

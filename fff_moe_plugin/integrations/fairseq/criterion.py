@@ -15,7 +15,10 @@ coefficient set in the block config. Logged (train and valid):
 - ``imbalance_l<k>`` (leaf-MLP trees): how one-sided the decisions of level k are, 0 (every node splits its tokens
   evenly) to 1 (every node sends all of them one way: a collapse), from node counts summed over sub-batches and
   workers (:func:`~fff_moe_plugin.losses.level_imbalance`), averaged over the tree layers. A collapse shows here
-  when it starts, at every ``--log-interval``.
+  when it starts, at every ``--log-interval``;
+- ``gnorm_nodes`` and ``gnorm_leaves`` (train, leaf-MLP trees): the norm of the gradient applied to all the trees'
+  node neurons and to their leaves, after fairseq's clipping (:func:`log_tree_gradient_norms`); nodes that stop
+  learning show here.
 
 No ``from __future__ import annotations`` here: fairseq reads the dataclass field types at run time.
 """
@@ -128,3 +131,22 @@ class CrossEntropyFFFCriterion(CrossEntropyCriterion):
         # every value, the counts vectors included, is a sum over tokens: fairseq's fast all-reduce adds them
         return True
 
+
+def log_tree_gradient_norms(model: torch.nn.Module) -> None:
+    """Log ``gnorm_nodes`` and ``gnorm_leaves``: the norms of the gradients the last update applied to every tree's
+    node neurons and to its leaves (the master leaf aside; with sharded leaves, this rank's). Called after fairseq's
+    ``train_step``, whose gradients stay in place until the next step zeroes them. No tree, nothing logged."""
+    from ...leaves import LeafBank, LeafMLP, MasterLeaf
+    from ...router import TreeRouter
+
+    nodes: list[torch.Tensor] = []
+    leaves: list[torch.Tensor] = []
+    for m in model.modules():
+        if isinstance(m, TreeRouter):
+            nodes += [p.grad for p in m.parameters(recurse=False) if p.grad is not None]
+        elif isinstance(m, LeafBank) or (isinstance(m, LeafMLP) and not isinstance(m, MasterLeaf)):
+            leaves += [p.grad for p in m.parameters(recurse=False) if p.grad is not None]
+    for key, grads in (("gnorm_nodes", nodes), ("gnorm_leaves", leaves)):
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            metrics.log_scalar(key, float(norm), weight=1, round=4)

@@ -19,9 +19,10 @@ wrapper runs fairseq's own code unchanged when the model holds no sharded FFF bl
 - ``clip_grad_norm`` computes the norm of the data-parallel run: fairseq's norm of the replicated parameters
   together with the sharded leaves' gradients, each global leaf counted once (see :func:`leaf_norm`).
   Parameters tagged ``expert`` by anything other than the plugin stay out of the norm, as fairseq has it;
-- ``train_step`` then tells the trees the updates done (``--fff-soft-updates``) and moves the decision shifts of
-  bias-balanced trees (``--fff-load-balance bias``, :mod:`fff_moe_plugin.balancing`) by their counts summed over
-  the data-parallel ranks, for any model.
+- ``train_step`` then logs the trees' gradient norms (``gnorm_nodes``, ``gnorm_leaves``), tells the trees the
+  updates done (``--fff-soft-updates``) and moves the decision shifts of bias-balanced trees
+  (``--fff-load-balance bias``, :mod:`fff_moe_plugin.balancing`) by their counts summed over the data-parallel
+  ranks, for any model.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch.distributed as dist
 
 from ...balancing import after_optimizer_step
 from ...router import current_key
+from .criterion import log_tree_gradient_norms
 from .sharded import ShardedFFF, gathering
 
 LEGACY_DDP = ("legacy_ddp", "no_c10d")
@@ -118,6 +120,7 @@ def install() -> None:
     @functools.wraps(train_step)
     def train_step_and_balance(self, samples, raise_oom=False):
         out = train_step(self, samples, raise_oom=raise_oom)
+        log_tree_gradient_norms(self.model)  # before the shifts move: the gradients of this update
         # the trees learn the updates done (the soft-to-hard schedule), and bias-balanced ones move their decision
         # shifts by counts summed over the data-parallel ranks, so that every rank keeps routing identically
         after_optimizer_step(self.model, self.get_num_updates(), group=_data_parallel_group(self))

@@ -21,6 +21,9 @@ from ...config import BlockConfig, DenseConfig
 from ...matching import match, match_fff
 
 KINDS = ("dense", "fff", "sigma_moe", "pkm")
+# the fairseq model each kind belongs to: its architecture without a preset's sizes
+MODEL_OF_KIND = {"dense": "transformer_lm", "fff": "transformer_lm_fff", "sigma_moe": "transformer_lm_sigma_moe",
+                 "pkm": "transformer_lm_pkm"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class Setting:
     top_k: int
     pkm_heads: int
     pkm_knn: int
+    tied_embeddings: bool = False  # the output layer shares the input embedding (fairseq's
+    # --share-decoder-input-output-embed): with a small vocabulary, the feedforward blocks hold most parameters
     fff: dict[str, Any] = field(default_factory=dict)
     sigma_moe: dict[str, Any] = field(default_factory=dict)
     pkm: dict[str, Any] = field(default_factory=dict)
@@ -46,16 +51,23 @@ class Setting:
     def blocks(self, **fff_fields: Any) -> dict[str, BlockConfig]:
         """Parameter-equal dense, FFF, sigma-MoE and PKM configs; ``fff_fields`` change the FFF (e.g.
         ``master_leaf=True``) before its leaf width is matched."""
-        rows = {r.kind: r.config for r in match(
+        rows = self._matched()
+        out = {"dense": rows["dense"], "sigma_moe": _with(rows["sigma_moe"], self.sigma_moe),
+               "pkm": _with(rows["pkm"], self.pkm)}
+        out["fff"] = match_fff(self.d_model, self.ff_target(), self.fff_depth, **{**self.fff, **fff_fields})
+        return {k: out[k] for k in KINDS}
+
+    def ff_target(self) -> int:
+        """The parameter count every FFF of this setting is matched to: the mean of the dense, sigma-MoE and PKM
+        blocks' (the FFF is the finest-grained; PKM's n_keys^2 steps are coarse)."""
+        rows = self._matched()
+        return round(sum(c.num_parameters() for c in rows.values()) / len(rows))
+
+    def _matched(self) -> dict[str, BlockConfig]:
+        return {r.kind: r.config for r in match(
             self.d_model, self.dense_ffn, ("dense", "sigma_moe", "pkm"), expert_size=self.expert_size,
             top_k=self.top_k, pkm_heads=self.pkm_heads, pkm_knn=self.pkm_knn,
         )}
-        out = {"dense": rows["dense"], "sigma_moe": _with(rows["sigma_moe"], self.sigma_moe),
-               "pkm": _with(rows["pkm"], self.pkm)}
-        # the FFF, the finest-grained, aims at the mean of the others: PKM's n_keys^2 steps are coarse
-        target = round(sum(c.num_parameters() for c in out.values()) / len(out))
-        out["fff"] = match_fff(self.d_model, target, self.fff_depth, **{**self.fff, **fff_fields})
-        return {k: out[k] for k in KINDS}
 
 
 def _with(config: BlockConfig, fields: dict[str, Any]) -> BlockConfig:
@@ -72,6 +84,14 @@ SETTINGS: dict[str, Setting] = {
     "ptb_tiny": Setting(
         "ptb_tiny", d_model=128, layers=2, heads=4, dense_ffn=512, dropout=0.1, context=128, fff_depth=3,
         expert_size=64, top_k=2, pkm_heads=2, pkm_knn=32,
+        sigma_moe={"weight_scale": _pre_ln_scale(2)},
+    ),
+    # the comparison's default (``fff-moe compare``): ptb_tiny's transformer with tied embeddings, for Penn
+    # Treebank in a 1k sentencepiece vocabulary. Its feedforward blocks are half the model's parameters (word-level
+    # PTB's 10k-word embeddings leave them 9%), so the blocks compared decide the result.
+    "ptb_small": Setting(
+        "ptb_small", d_model=128, layers=2, heads=4, dense_ffn=512, dropout=0.1, context=128, fff_depth=3,
+        expert_size=64, top_k=2, pkm_heads=2, pkm_knn=32, tied_embeddings=True,
         sigma_moe={"weight_scale": _pre_ln_scale(2)},
     ),
     "wt103_small": Setting(
@@ -104,6 +124,8 @@ def fairseq_args(setting: Setting, kind: str, block: BlockConfig | None = None) 
         "decoder_embed_dim": setting.d_model, "decoder_layers": setting.layers,
         "decoder_attention_heads": setting.heads, "dropout": setting.dropout,
     }
+    if setting.tied_embeddings:
+        args["share_decoder_input_output_embed"] = True
     block = block if block is not None else setting.blocks()[kind]
     if isinstance(block, DenseConfig):
         args["decoder_ffn_embed_dim"] = block.d_ff
