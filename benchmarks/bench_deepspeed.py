@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 VARIANTS = {
     "dense": None,
@@ -164,7 +165,11 @@ def main() -> int:
                    LOCAL_RANK=str(rank), WORLD_SIZE=str(args.procs), OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--worker"], env=env,
                                       stdout=None if rank == 0 else subprocess.DEVNULL))
-    return max(p.wait() for p in procs)
+    code = max(p.wait() for p in procs)
+    # DeepSpeed's CPU all-reduce leaves its shared-memory buffers (67 MB a rank) behind; this run's carry its port
+    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"):
+        leftover.unlink(missing_ok=True)
+    return code
 
 
 if __name__ == "__main__":
