@@ -176,3 +176,8 @@ def test_the_ranking_is_checked_against_a_longer_run(tmp_path):
     assert "other settings" in report.against_reference(short, {**context, "setting": "x"}, ref)
     assert "absent" in report.against_reference(short, context, tmp_path / "none.json")
     assert math.isclose(report.Stat.of([1.0, 3.0]).std, math.sqrt(2.0))
+    # what length did to each gap: fff is 20% behind dense at 10 updates and 10% at 100
+    report.write(short, tmp_path / "short", context, [])
+    table = report.length_effect(json.loads((tmp_path / "short" / "comparison.json").read_text()),
+                                 json.loads(ref.read_text()))
+    assert "| fff | 10.0 | 12.00 | 5.50 | +20.0% | +10.0% | - | - |" in table.splitlines()

@@ -317,3 +317,36 @@ def write(summaries: list[Summary], out: Path, context: dict[str, Any], notes: l
     fig.savefig(paths["plot"], dpi=110)
     plt.close(fig)
     return paths
+
+
+def length_effect(short: dict[str, Any], long: dict[str, Any]) -> str:
+    """A Markdown table of every model's last validation perplexity, and its gap to dense and to sigma-MoE, in two
+    saved comparisons of the same models at two lengths (``comparison.json`` as :func:`write` saves it): what
+    length did to each gap."""
+    def by_label(saved: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {s["label"]: s for s in saved["summaries"]}
+
+    a, b = by_label(short), by_label(long)
+    n = [short["context"]["updates per model"], long["context"]["updates per model"]]
+    head = (f"| model | % FF read | valid ppl, {n[0]} updates | valid ppl, {n[1]} | gap to dense, {n[0]} | "
+            f"gap to dense, {n[1]} | gap to sigma-MoE, {n[0]} | gap to sigma-MoE, {n[1]} |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+
+    def gap(s: dict[str, dict[str, Any]], label: str, ref: str) -> str:
+        if ref not in s:
+            return "-"
+        return f"{100 * (s[label]['valid']['mean'] / s[ref]['valid']['mean'] - 1):+.1f}%"
+
+    for label in [k for k in a if k in b]:
+        lines.append(f"| {label} | {a[label]['ff_percent_used']:.1f} | {a[label]['valid']['mean']:.2f} | "
+                     f"{b[label]['valid']['mean']:.2f} | {gap(a, label, 'dense')} | {gap(b, label, 'dense')} | "
+                     f"{gap(a, label, 'sigma_moe')} | {gap(b, label, 'sigma_moe')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m fff_moe_plugin.experiments.lm.report SHORT.json LONG.json
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m fff_moe_plugin.experiments.lm.report SHORT/comparison.json LONG/comparison.json")
+    print(length_effect(*(json.loads(Path(p).read_text()) for p in sys.argv[1:])), end="")
