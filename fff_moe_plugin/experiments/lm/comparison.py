@@ -108,12 +108,22 @@ def default_runs(setting: Setting, fff_train_mode: str = "hard", balance_coef: f
     ]
 
 
-def extra_runs(setting: Setting, fff_train_mode: str = "hard", balance_coef: float = 0.01) -> list[Run]:
-    """Models outside the default set, run by naming them in ``--only``."""
-    lb = {"train_mode": fff_train_mode, "load_balance": "leaf", "load_balance_coef": balance_coef}
-    d = setting.fff_depth
-    return [Run("fff+lb+master", "fff", _fff(setting, d, **lb, master_leaf=True),
+def extra_runs(setting: Setting, max_update: int, fff_train_mode: str = "hard", balance_coef: float = 0.01,
+               forest_trees: int = 4) -> list[Run]:
+    """Models outside the default set, run by naming them in ``--only``: with ``fff`` and the default ``fff+lb``,
+    ``fff+bias`` and ``forest+lb``, each mechanism alone and on top of the leaf loss (the ablation)."""
+    mode = {"train_mode": fff_train_mode}
+    lb = {**mode, "load_balance": "leaf", "load_balance_coef": balance_coef}
+    d, k = setting.fff_depth, forest_trees
+    runs = [Run(f"forest{k}", "fff", _fff(setting, d, n_trees=k, **mode), f"{k} trees of depth {d}, no balancing"),
+            Run("fff+master", "fff", _fff(setting, d, **mode, master_leaf=True), f"FFF depth {d} + master leaf"),
+            Run("fff+lb+master", "fff", _fff(setting, d, **lb, master_leaf=True),
                 f"FFF depth {d} + leaf balancing loss {balance_coef} + master leaf")]
+    if fff_train_mode == "hard":
+        soft = max(1, max_update // 4)
+        runs.append(Run("fff+softstart", "fff", _fff(setting, d, **mode, soft_updates=soft),
+                        f"FFF depth {d}, soft for the first {soft} updates, then hard"))
+    return runs
 
 
 def flags_of(args: dict[str, Any]) -> list[str]:

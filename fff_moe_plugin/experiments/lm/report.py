@@ -44,7 +44,7 @@ class Summary:
     params: int
     ff_params: int
     ff_percent_used: float
-    leaf_share: Optional[float]  # trees: the share of leaves a token reads, 1 / 2^depth
+    leaf_share: Optional[float]  # trees without a master leaf: the share of leaves a token reads, 1 / 2^depth
     valid: Stat
     best: Stat
     test: Stat
@@ -66,7 +66,7 @@ def summarise(found: dict[str, list[Result]], runs: list[Run]) -> list[Summary]:
         pieces = found.get(run.label)
         if not pieces:
             continue
-        depth = getattr(run.block, "depth", None)
+        depth = None if getattr(run.block, "master_leaf", False) else getattr(run.block, "depth", None)
         updates = sorted(set.intersection(*[{int(p["update"]) for p in r.curve} for r in pieces]))
         curve = []
         for u in updates:
