@@ -125,12 +125,14 @@ def _group_title(group: str, rows: list[Summary]) -> str:
         else group
 
 
+def _groups(summaries: list[Summary]) -> list[tuple[str, list[Summary]]]:
+    """Each group that has rows, with them."""
+    return [(g, rows) for g in GROUPS if (rows := group_rows(summaries, g))]
+
+
 def markdown(summaries: list[Summary]) -> str:
     lines = []
-    for group in GROUPS:
-        rows = group_rows(summaries, group)
-        if not rows:
-            continue
+    for group, rows in _groups(summaries):
         lines += [f"**{_group_title(group, rows)}**", "", "| " + " | ".join(COLUMNS) + " |",
                   "|" + "|".join("---" for _ in COLUMNS) + "|"]
         lines += ["| " + " | ".join(_row(s)) + " |" for s in rows] + [""]
@@ -139,10 +141,7 @@ def markdown(summaries: list[Summary]) -> str:
 
 def text_table(summaries: list[Summary]) -> str:
     out = []
-    for group in GROUPS:
-        rows = group_rows(summaries, group)
-        if not rows:
-            continue
+    for group, rows in _groups(summaries):
         table = [list(COLUMNS)] + [_row(s) for s in rows]
         widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
         fmt = [row[0].ljust(widths[0]) + "  " + "  ".join(c.rjust(w) for c, w in zip(row[1:], widths[1:]))
