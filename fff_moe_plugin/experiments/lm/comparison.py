@@ -278,7 +278,8 @@ def evaluate(data: Path, checkpoint: Path, tokens_per_sample: int, max_tokens: i
         task.load_dataset("test")
         test = task.dataset("test")
         itr = task.eval_lm_dataloader(dataset=test, max_tokens=max_tokens, max_positions=model.max_positions(),
-                                      context_window=0)
+                                      context_window=0, num_workers=0)  # fairseq's default 1 forks a loader
+        # process that outlives the call
         scored = eval_lm(models=[model], source_dictionary=task.source_dictionary, batch_iterator=itr,
                          target_dictionary=task.target_dictionary)
 
