@@ -127,7 +127,10 @@ def test_compare_refusals_exit_with_2(capsys, tmp_path):
                         (["--valid-points", "0"], "--valid-points 0 is not allowed"),
                         (["--forest-trees", "0"], "--forest-trees 0 is not allowed"),
                         (["--bias-update-rate", "0"], "--bias-update-rate 0.0 is not allowed: must be > 0"),
-                        (["--balance-coef=-inf"], "--balance-coef -inf is not allowed: must be a finite number")):
+                        (["--balance-coef=-inf"], "--balance-coef -inf is not allowed: must be a finite number"),
+                        (["--seed", "2", "--seeds", "3"], "--seed 2 and --seeds 3 cannot go together"),
+                        (["--tokenizer", "word", "--vocab-size", "100"], "--vocab-size 100 is not allowed with"),
+                        (["--data", str(tmp_path), "--vocab-size", "100"], "cannot go with --data")):
         assert main(["compare", *flags, "--out", str(tmp_path / "c")]) == 2
         assert said in capsys.readouterr().err
     assert not (tmp_path / "c").exists()

@@ -18,10 +18,10 @@ DEFAULT_UPDATES = 160
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
     p.add_argument("--data", help="an existing fairseq data-bin (default: Penn Treebank, prepared under --out)")
-    p.add_argument("--tokenizer", default="sentencepiece", choices=("word", "sentencepiece"),
+    p.add_argument("--tokenizer", choices=("word", "sentencepiece"),
                    help="tokens of the prepared PTB data-bin (default sentencepiece: with word-level PTB's 10k "
                         "words the embeddings hold most parameters and the feedforward blocks hardly matter)")
-    p.add_argument("--vocab-size", type=int, default=1024, help="sentencepiece vocabulary size (default 1024)")
+    p.add_argument("--vocab-size", type=int, help="sentencepiece vocabulary size (default 1024)")
     p.add_argument("--setting", default="ptb_small",
                    help="preset size: ptb_small (default, CPU minutes, tied embeddings), ptb_tiny, wt103_small, "
                         "wt103_big, enwik8")
@@ -67,10 +67,21 @@ def run(args: argparse.Namespace) -> int:
 
     if args.setting not in SETTINGS:
         raise ValueError(f"--setting {args.setting!r} is not allowed: must be one of {', '.join(SETTINGS)}")
+    if args.data and (args.tokenizer or args.vocab_size):
+        raise ValueError("--tokenizer and --vocab-size prepare Penn Treebank, so they cannot go with --data (an "
+                         "existing data-bin keeps its own tokens)")
+    if args.tokenizer == "word" and args.vocab_size:
+        raise ValueError(f"--vocab-size {args.vocab_size} is not allowed with --tokenizer word: it sizes the "
+                         "sentencepiece vocabulary")
+    args.tokenizer = args.tokenizer or "sentencepiece"
+    args.vocab_size = args.vocab_size or 1024
     _positive(seeds=args.seeds, valid_points=args.valid_points, max_tokens=args.max_tokens,
               tokens_per_sample=args.tokens_per_sample, forest_trees=args.forest_trees, vocab_size=args.vocab_size)
     if args.seed is not None and args.seed < 1:
         raise ValueError(f"--seed {args.seed} is not allowed: seeds count from 1")
+    if args.seed is not None and args.seeds != 1:
+        raise ValueError(f"--seed {args.seed} and --seeds {args.seeds} cannot go together: --seeds N runs seeds "
+                         "1..N, --seed K only seed K")
     for name in ("lr", "balance_coef", "bias_update_rate"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is not allowed: must be > 0")
@@ -81,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     kw = {"fff_train_mode": args.fff_train_mode, "balance_coef": args.balance_coef}
     runs = comparison.default_runs(setting, bias_rate=args.bias_update_rate, forest_trees=args.forest_trees, **kw)
     everything = runs + comparison.extra_runs(setting, updates, forest_trees=args.forest_trees, **kw)
+    if args.fff_train_mode == "soft":
+        print(f"note: {comparison.SOFT_NOTE}", flush=True)
     if args.list:
         for r in everything:
             extra = "" if r in runs else "  (only with --only)"
