@@ -72,7 +72,7 @@ class Result:
 
 
 def _fff(setting: Setting, depth: int, **fields_: Any) -> BlockConfig:
-    return match_fff(setting.d_model, setting.ff_target(), depth, **fields_)
+    return match_fff(setting.d_model, setting.ff_target(), depth, **{**setting.fff, **fields_})
 
 
 def compute_equal_depth(setting: Setting) -> int:
@@ -110,7 +110,8 @@ def default_runs(setting: Setting, fff_train_mode: str = "hard", balance_coef: f
     ]
 
 
-SOFT_NOTE = "no fff+bias with soft-trained trees: bias balancing's shifts move with the hard decisions of training"
+SOFT_NOTE = ("no fff+bias and no fff+softstart with soft-trained trees: bias balancing's shifts move with the hard "
+             "decisions of training, and a soft start needs a hard tree to switch to")
 
 
 def extra_runs(setting: Setting, max_update: int, fff_train_mode: str = "hard", balance_coef: float = 0.01,
