@@ -138,6 +138,14 @@ def test_pieces_fold_into_one_table_with_mean_and_std(folded):
     saved = json.loads(paths["json"].read_text())
     assert [s["label"] for s in saved["summaries"]] == ["dense", "sigma_moe", "fff-d2+lb"]
     assert paths["plot"].stat().st_size > 0
+    # the ablation table: the trees only, with their routing at the last validation and gradients at the last log
+    table = report.ablation(saved, base="fff-d2+lb").splitlines()
+    assert table[0].startswith("| model | % FF read | valid ppl | vs fff-d2+lb | usage entropy (max) | unused | "
+                               "imbalance l0 | imbalance l1 | gnorm nodes | gnorm leaves |")
+    [row] = table[2:]
+    tree = found["fff-d2+lb"][0]
+    assert row.startswith(f"| fff-d2+lb | {tree.ff_percent_used:.1f} | {tree.valid_ppl:.2f} | +0.0% |")
+    assert row.endswith(f"| {tree.train_curve[-1]['gnorm_nodes']:.4f} | {tree.train_curve[-1]['gnorm_leaves']:.4f} |")
 
 
 def test_the_command_runs_both_groups_and_refuses_other_settings_in_the_same_out(lm_data_bin, tmp_path, capsys):

@@ -72,9 +72,9 @@ def summarise(found: dict[str, list[Result]], runs: list[Run]) -> list[Summary]:
         for u in updates:
             points = [next(p for p in r.curve if int(p["update"]) == u) for r in pieces]
             ppl = [p["ppl"] for p in points]
-            ent = [p["usage_entropy"] for p in points if "usage_entropy" in p]
-            curve.append({"update": u, "ppl": statistics.fmean(ppl), "lo": min(ppl), "hi": max(ppl),
-                          **({"usage_entropy": statistics.fmean(ent)} if ent else {})})
+            routing = {k: statistics.fmean(p[k] for p in points) for k in points[0]
+                       if (k == "usage_entropy" or k.startswith("imbalance_l")) and all(k in p for p in points)}
+            curve.append({"update": u, "ppl": statistics.fmean(ppl), "lo": min(ppl), "hi": max(ppl), **routing})
 
         logged = [{int(p["update"]): p for p in r.train_curve if "gnorm_nodes" in p} for r in pieces]
         gradients = [{"update": u, **{k: statistics.fmean(g[u][k] for g in logged) for k in ("gnorm_nodes",
@@ -343,9 +343,51 @@ def length_effect(short: dict[str, Any], long: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":  # python -m fff_moe_plugin.experiments.lm.report SHORT.json LONG.json
-    import sys
+def ablation(saved: dict[str, Any], base: str = "fff") -> str:
+    """A Markdown table of the trees of one saved comparison against ``base`` (the plain tree): the last validation
+    perplexity and its change, and at the last validation the usage entropy, the unused leaves, each level's
+    imbalance and, from the last logged update, the node and leaf gradient norms: what each mechanism did, with the
+    evidence of how it routed."""
+    rows = [s for s in saved["summaries"] if s["label"] == base or (s["leaf_share"] is not None or
+                                                                    s["label"].startswith(base))]
+    ref = next((s for s in rows if s["label"] == base), None)
+    levels = sorted({k for s in rows for k in (s["curve"][-1] if s["curve"] else {}) if k.startswith("imbalance_l")})
+    head = ["model", "% FF read", "valid ppl", f"vs {base}", "usage entropy (max)", "unused",
+            *[f"imbalance {k[len('imbalance_'):]}" for k in levels], "gnorm nodes", "gnorm leaves"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in rows:
+        last = s["curve"][-1] if s["curve"] else {}
+        grads = s["gradients"][-1] if s["gradients"] else {}
+        change = "-" if ref is None else f"{100 * (s['valid']['mean'] / ref['valid']['mean'] - 1):+.1f}%"
+        ent = "-" if s["usage_entropy"] is None else f"{s['usage_entropy']:.2f} ({s['max_entropy']:.2f})"
+        cells = [s["label"], f"{s['ff_percent_used']:.1f}", f"{s['valid']['mean']:.2f}", change, ent,
+                 "-" if s["unused"] is None else f"{s['unused']:.1f}",
+                 *[f"{last[k]:.2f}" if k in last else "-" for k in levels],
+                 *[f"{grads[k]:.4f}" if k in grads else "-" for k in ("gnorm_nodes", "gnorm_leaves")]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m fff_moe_plugin.experiments.lm.report SHORT/comparison.json LONG/comparison.json")
-    print(length_effect(*(json.loads(Path(p).read_text()) for p in sys.argv[1:])), end="")
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fff_moe_plugin.experiments.lm.report lengths SHORT.json LONG.json`` (:func:`length_effect`) or
+    ``... ablation SAVED.json`` (:func:`ablation`), from the ``comparison.json`` files ``fff-moe compare`` writes."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fff_moe_plugin.experiments.lm.report", description=main.__doc__)
+    sub = p.add_subparsers(dest="table", required=True)
+    lengths = sub.add_parser("lengths", help="each model's gaps to dense and sigma-MoE at two lengths")
+    lengths.add_argument("short")
+    lengths.add_argument("long")
+    sub.add_parser("ablation", help="the trees against the plain tree, with their routing").add_argument("saved")
+    args = p.parse_args(argv)
+    paths = [args.short, args.long] if args.table == "lengths" else [args.saved]
+    missing = [q for q in paths if not Path(q).is_file()]
+    if missing:
+        p.error(f"no such file: {', '.join(missing)} (comparison.json, as fff-moe compare writes it)")
+    saved = [json.loads(Path(q).read_text()) for q in paths]
+    print(length_effect(*saved) if args.table == "lengths" else ablation(*saved), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
