@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=1, help="run seeds 1..N and report mean ± std (default 1)")
     p.add_argument("--seed", type=int, help="run only this seed (a piece of a --seeds run)")
     p.add_argument("--only", nargs="+", metavar="MODEL",
-                   help="run only these models (see --list); the table still shows every finished piece in --out")
+                   help="run only these models, in this order (see --list); the table still shows every finished "
+                        "piece in --out")
     p.add_argument("--list", action="store_true", help="list the models and their blocks, and exit")
     p.add_argument("--valid-points", type=int, default=10,
                    help="validations per run, evenly spaced, each with a checkpoint to resume from (default 10)")
@@ -106,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         unknown = [m for m in args.only if m not in labels]
         if unknown:
             raise ValueError(f"--only {' '.join(unknown)} is not allowed: choose from {' '.join(labels)}")
-        chosen = [r for r in everything if r.label in args.only]
+        by_label = {r.label: r for r in everything}
+        chosen = [by_label[m] for m in dict.fromkeys(args.only)]  # in the order given
     seeds = [args.seed] if args.seed is not None else list(range(1, args.seeds + 1))
 
     out = Path(args.out)
