@@ -183,6 +183,12 @@ def test_the_ranking_is_checked_against_a_longer_run(tmp_path):
     assert report.against_reference(long, {**context, "updates per model": 10}, ref).startswith("Every ranking")
     assert "other settings" in report.against_reference(short, {**context, "setting": "x"}, ref)
     assert "absent" in report.against_reference(short, context, tmp_path / "none.json")
+    # a pair within the seeds' noise there has no order to hold
+    saved = json.loads(ref.read_text())
+    for s in saved["summaries"]:
+        s["valid"]["std"] = 0.6 if s["label"] != "dense" else 0.1
+    ref.write_text(json.dumps(saved))
+    assert report.against_reference(short, context, ref).startswith("Every ranking")
     assert math.isclose(report.Stat.of([1.0, 3.0]).std, math.sqrt(2.0))
     # what length did to each gap: fff is 20% behind dense at 10 updates and 10% at 100
     report.write(short, tmp_path / "short", context, [])

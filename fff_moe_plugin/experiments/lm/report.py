@@ -199,7 +199,7 @@ def findings(summaries: list[Summary]) -> list[str]:
 
 def against_reference(summaries: list[Summary], context: dict[str, Any], reference: Path = REFERENCE) -> str:
     """Whether the rankings hold in a longer run of the same settings (``reference``, as ``write`` saves it),
-    in words."""
+    in words. Pairs within one standard deviation there (with several seeds) have no order to hold."""
     if not reference.is_file():
         return f"No longer run to check these rankings against ({reference} is absent)."
     ref = json.loads(reference.read_text())
@@ -215,8 +215,11 @@ def against_reference(summaries: list[Summary], context: dict[str, Any], referen
         rows = [s for s in group_rows(summaries, group) if s.label in theirs]
         for i, a in enumerate(rows):
             for b in rows[i + 1:]:
+                ta, tb = theirs[a.label]["valid"], theirs[b.label]["valid"]
+                if abs(ta["mean"] - tb["mean"]) <= max(ta["std"] or 0.0, tb["std"] or 0.0):
+                    continue  # a tie there, within the seeds' noise: no order to hold
                 here = a.valid.mean < b.valid.mean
-                there = theirs[a.label]["valid"]["mean"] < theirs[b.label]["valid"]["mean"]
+                there = ta["mean"] < tb["mean"]
                 if here != there:
                     first, second = (a, b) if here else (b, a)
                     flips.append(f"{first.label} ahead of {second.label} here, behind it there")
