@@ -149,4 +149,6 @@ def log_tree_gradient_norms(model: torch.nn.Module) -> None:
     for key, grads in (("gnorm_nodes", nodes), ("gnorm_leaves", leaves)):
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            metrics.log_scalar(key, float(norm), weight=1, round=4)
+            # a tensor, as fairseq logs its own gnorm: the meter reads it on the host only when the log prints, so
+            # a GPU step waits for no copy
+            metrics.log_scalar(key, norm.detach(), weight=1, round=4)

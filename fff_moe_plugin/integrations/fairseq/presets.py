@@ -54,20 +54,23 @@ class Setting:
         rows = self._matched()
         out = {"dense": rows["dense"], "sigma_moe": _with(rows["sigma_moe"], self.sigma_moe),
                "pkm": _with(rows["pkm"], self.pkm)}
-        out["fff"] = match_fff(self.d_model, self.ff_target(), self.fff_depth, **{**self.fff, **fff_fields})
+        out["fff"] = match_fff(self.d_model, _mean_size(rows), self.fff_depth, **{**self.fff, **fff_fields})
         return {k: out[k] for k in KINDS}
 
     def ff_target(self) -> int:
         """The parameter count every FFF of this setting is matched to: the mean of the dense, sigma-MoE and PKM
         blocks' (the FFF is the finest-grained; PKM's n_keys^2 steps are coarse)."""
-        rows = self._matched()
-        return round(sum(c.num_parameters() for c in rows.values()) / len(rows))
+        return _mean_size(self._matched())
 
     def _matched(self) -> dict[str, BlockConfig]:
         return {r.kind: r.config for r in match(
             self.d_model, self.dense_ffn, ("dense", "sigma_moe", "pkm"), expert_size=self.expert_size,
             top_k=self.top_k, pkm_heads=self.pkm_heads, pkm_knn=self.pkm_knn,
         )}
+
+
+def _mean_size(rows: dict[str, BlockConfig]) -> int:
+    return round(sum(c.num_parameters() for c in rows.values()) / len(rows))
 
 
 def _with(config: BlockConfig, fields: dict[str, Any]) -> BlockConfig:
