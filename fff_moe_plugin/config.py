@@ -131,8 +131,13 @@ class BlockConfig:
                 f"{name}{at}: the weights were saved by a {saved.get('kind')!r} block, this is a {self.kind!r} block"
             )
         config = saved["config"]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for field in self.FUNCTION_FIELDS:
-            mine, theirs = getattr(self, field), config.get(field, getattr(self, field))
+            # a field the record lacks was added after it was saved: the weights were trained with its default
+            # (a default of None is resolved from other fields, so the layer's own value stands in for it)
+            default = defaults[field]
+            unsaved = getattr(self, field) if default is None or default is dataclasses.MISSING else default
+            mine, theirs = getattr(self, field), config.get(field, unsaved)
             if mine != theirs:
                 raise ValueError(
                     f"{name}.{field}{at}: the weights were trained with {field} = {theirs!r}, this layer has "
@@ -180,6 +185,10 @@ class FFFConfig(BlockConfig):
     # after every optimizer step; 0 = off. load_balance="bias" turns it on alone (rate 1e-3 unless given); with
     # "leaf" or "node" it adds to that loss.
     bias_update_rate: float = 0.0
+    # the gate of the leaf a shifted decision chose: its path probability under the unshifted logits (DeepSeek-V3
+    # weights a chosen expert by its unbiased affinity), or under the shifted logits, on which the decisions were
+    # made (a token the shift sent against its logit's sign then keeps a factor of at least 1/2 there)
+    bias_gate: str = "unshifted"
     # master leaf (eFFF): an always-on MLP blended with the tree by a learned sigmoid gate
     master_leaf: bool = False
     master_leaf_width: int | None = None  # None: same as leaf_width
@@ -187,11 +196,12 @@ class FFFConfig(BlockConfig):
     TRAIN_MODES: ClassVar[tuple[str, ...]] = ("soft", "hard")
     # train_mode is among them: eval scales the chosen leaf by its path probability only for hard-trained trees
     FUNCTION_FIELDS: ClassVar[tuple[str, ...]] = (
-        "d_model", "leaf_width", "depth", "d_out", "activation", "bias", "n_trees", "train_mode", "master_leaf",
-        "master_leaf_width",
+        "d_model", "leaf_width", "depth", "d_out", "activation", "bias", "n_trees", "train_mode", "bias_gate",
+        "master_leaf", "master_leaf_width",
     )
     LOAD_BALANCE: ClassVar[tuple[str, ...]] = ("none", "leaf", "node", "bias")
     DEFAULT_BIAS_UPDATE_RATE: ClassVar[float] = 1e-3  # DeepSeek-V3's gamma
+    BIAS_GATES: ClassVar[tuple[str, ...]] = ("unshifted", "shifted")
 
     def __post_init__(self) -> None:
         self._int("d_model", 1)
@@ -225,6 +235,11 @@ class FFFConfig(BlockConfig):
             _fail(type(self).__name__, "region_leak", self.region_leak,
                   "must be 0 with bias balancing (a leaked decision and a shifted one cannot both be undone); use "
                   "one of them")
+        self._choice("bias_gate", self.BIAS_GATES)
+        if self.bias_gate != "unshifted" and not self.bias_balancing:
+            _fail(type(self).__name__, "bias_gate", self.bias_gate,
+                  "sets the gate of a leaf chosen under decision shifts, so it needs bias balancing "
+                  "(load_balance = 'bias' or bias_update_rate > 0); leave it 'unshifted' without")
         self._bool("master_leaf")
         if self.master_leaf:
             if self.master_leaf_width is None:

@@ -139,15 +139,17 @@ class TreeRouter(nn.Module):
         bias = self.node_bias if shift is None else (shift if self.node_bias is None else self.node_bias + shift)
         if kernels:
             path_nodes, path_logits, end = inference.descend(x, self.node_weight, bias, c.depth)
-            if shift is not None:  # the decisions saw the shift; the returned logits do not
+            gate_on = path_logits  # the shifted logits the decisions saw
+            if shift is not None:  # the returned logits do not carry the shift
                 path_logits = path_logits - shift.to(path_logits.dtype)[path_nodes]
-            gate = self.leaf_gate(path_logits, self._turns(end, shift))
+            gate = self.leaf_gate(self._gated(path_logits, gate_on), self._turns(end, shift))
             return Routing(path_nodes, path_logits, end - c.n_nodes, gate)
         leak = c.region_leak if self.training else 0.0
         every = self.training and c.load_balance == "leaf"  # the leaf balancing loss needs every node's logit
         path_nodes, path_logits, end, all_logits = tree.route(  # [S, D], [S, D], [S], [S, N] or None
             x, self.node_weight, bias, c.depth, leak_rate=leak, every_logit=every)
         right = self._turns(end, shift)
+        gate_on = path_logits  # the shifted logits the decisions saw
         if shift is not None:  # region leak is off with bias balancing (FFFConfig), so the shift comes off exactly
             path_logits = path_logits - shift.to(path_logits.dtype)[path_nodes]
             all_logits = None if all_logits is None else all_logits - shift.to(all_logits.dtype)
@@ -156,8 +158,8 @@ class TreeRouter(nn.Module):
         balance = None
         if every:  # the descent's own logits when they carry no leak, else computed again without it
             balance = all_logits if leak == 0 else self.node_logits(x)
-        return Routing(path_nodes, path_logits, end - c.n_nodes, self.leaf_gate(path_logits, right), all_logits,
-                       None, balance)
+        gate = self.leaf_gate(self._gated(path_logits, gate_on), right)
+        return Routing(path_nodes, path_logits, end - c.n_nodes, gate, all_logits, None, balance)
 
     def _route_forest(self, x: Tensor, kernels: bool = False) -> Routing:
         """The K trees at once: every node's logit in one matrix product ([S, K * N]), each tree's descent on its
@@ -176,29 +178,29 @@ class TreeRouter(nn.Module):
             path_nodes = torch.stack([p[0] for p in parts], 1).reshape(S * K, c.depth)
             path_logits = torch.stack([p[1] for p in parts], 1).reshape(S * K, c.depth)
             end = torch.stack([p[2] for p in parts], 1).reshape(S * K)
-            if shift is not None:  # the decisions saw each tree's shifts; the returned logits do not
+            gate_on = path_logits  # the shifted logits the decisions saw
+            if shift is not None:  # the returned logits do not carry each tree's shifts
                 forest_nodes = path_nodes + tree_of_row(S * K, K, x.device)[:, None] * N
                 path_logits = path_logits - shift.to(path_logits.dtype)[forest_nodes]
-            return Routing(path_nodes, path_logits, end - N, self.leaf_gate(path_logits, self._turns(end, shift)))
+            gate = self.leaf_gate(self._gated(path_logits, gate_on), self._turns(end, shift))
+            return Routing(path_nodes, path_logits, end - N, gate)
         logits = tree.leak(self.node_logits(x), c.region_leak if self.training else 0.0).reshape(S * K, N)
         if self.trains_soft():
             log_p = tree.leaf_log_probs(logits, c.depth)  # [S*K, L]
             path_nodes, end = tree.descend_from_logits(logits, c.depth)
             path_logits = tree.take_along(logits, path_nodes)
             return Routing(path_nodes, path_logits, end - N, self.leaf_gate(path_logits), logits, log_p)
-        if shift is None:
-            path_nodes, end = tree.descend_from_logits(logits, c.depth)  # [S*K, D], [S*K]
-        else:  # decisions on the shifted logits, everything else on the unshifted ones
-            path_nodes, end = tree.descend_from_logits(logits + shift.to(logits.dtype).reshape(K, N).repeat(S, 1),
-                                                       c.depth)
-        right = self._turns(end, shift)
+        shifted = logits if shift is None else logits + shift.to(logits.dtype).reshape(K, N).repeat(S, 1)
+        path_nodes, end = tree.descend_from_logits(shifted, c.depth)  # [S*K, D], [S*K]: on the shifted logits,
+        right = self._turns(end, shift)  # everything else on the unshifted ones
         if shift is not None and self.training:
             self._count(path_nodes + tree_of_row(S * K, K, x.device)[:, None] * N, right)
         path_logits = tree.take_along(logits, path_nodes)  # [S*K, D]
         balance = None
         if self.training and c.load_balance == "leaf":  # every node's logit without region leak
             balance = logits if c.region_leak == 0 else self.node_logits(x).reshape(S * K, N)
-        return Routing(path_nodes, path_logits, end - N, self.leaf_gate(path_logits, right), logits, None, balance)
+        gate_on = path_logits if c.bias_gate == "unshifted" else tree.take_along(shifted, path_nodes)
+        return Routing(path_nodes, path_logits, end - N, self.leaf_gate(gate_on, right), logits, None, balance)
 
     def assignments(self, routing: Routing) -> tuple[Optional[Tensor], Tensor]:
         """``(token, leaf)`` of each row of a routing record, the leaf numbered over all the trees (tree k's leaf j
@@ -209,6 +211,11 @@ class TreeRouter(nn.Module):
         rows = routing.leaf.shape[0]
         token = torch.arange(rows // K, device=routing.leaf.device).repeat_interleave(K)
         return token, forest_index(routing.leaf, K, self.config.n_leaves)
+
+    def _gated(self, path_logits: Tensor, shifted: Tensor) -> Tensor:
+        """The path logits the leaf's gate is computed on: the unshifted ones, or with ``bias_gate="shifted"``
+        the ``shifted`` ones the decisions saw (docs/methods.md §3)."""
+        return shifted if self.config.bias_gate == "shifted" else path_logits
 
     def _turns(self, end: Tensor, shift: Optional[Tensor]) -> Optional[Tensor]:
         """The turns taken [S, D] (1 = right) where decision shifts may have set them against the logits' signs;
@@ -241,7 +248,7 @@ class TreeRouter(nn.Module):
         """Weight of the chosen leaf's output in the hard forward: its path probability, or 1 for soft-trained
         trees in eval (the paper evaluates them unscaled). ``right`` [S, D]: the turns taken, where decision
         shifts may have set them against the logits' signs (the path probability is then that of the path taken,
-        under the unshifted logits); by default the signs."""
+        under the logits given: unshifted, or shifted with ``bias_gate="shifted"``); by default the signs."""
         if self.config.train_mode == "soft" and not self.training:
             return path_logits.new_ones(path_logits.shape[0])
         return tree.path_log_prob(path_logits, path_logits >= 0 if right is None else right).exp()

@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     setting = SETTINGS[args.setting]
     kw = {"fff_train_mode": args.fff_train_mode, "balance_coef": args.balance_coef}
     runs = comparison.default_runs(setting, bias_rate=args.bias_update_rate, forest_trees=args.forest_trees, **kw)
-    everything = runs + comparison.extra_runs(setting, updates, forest_trees=args.forest_trees, **kw)
+    everything = runs + comparison.extra_runs(setting, updates, bias_rate=args.bias_update_rate,
+                                              forest_trees=args.forest_trees, **kw)
     if args.fff_train_mode == "soft":
         print(f"note: {comparison.SOFT_NOTE}", flush=True)
     if args.list:

@@ -74,6 +74,54 @@ def test_the_shift_moves_the_decision_and_the_gate_is_the_unshifted_path_probabi
     torch.testing.assert_close(out, expected)
 
 
+def test_the_shifted_gate_is_the_path_probability_the_decisions_saw_in_training_and_eval():
+    x = torch.randn(60, 6, dtype=torch.float64)
+    shifts = torch.tensor([0.9, -0.6, 0.5, 0.4, -0.7, 0.3, -0.2], dtype=torch.float64)
+    for forest in (1, 2):
+        layer = _layer(bias_gate="shifted", n_trees=forest)
+        unshifted = _layer(n_trees=forest)  # same seed: the same weights
+        with torch.no_grad():
+            layer.router.balance_bias.copy_(shifts.repeat(forest))
+            unshifted.router.balance_bias.copy_(shifts.repeat(forest))
+        for mode in (True, False):
+            r, u = layer.train(mode).router(x), unshifted.train(mode).router(x)
+            assert torch.equal(r.leaf, u.leaf) and torch.equal(r.path_logits, u.path_logits)  # same decisions
+            right = tree.path_nodes_of_leaf(r.leaf, 3)[1]
+            trees = torch.arange(forest).repeat(60)[:, None] * 7  # row s * K + k is token s in tree k
+            shifted_logits = r.path_logits + layer.router.balance_bias[r.path_nodes + trees]
+            torch.testing.assert_close(r.gate, tree.path_log_prob(shifted_logits, right).exp())
+            # every factor is at least 1/2, also where the shift sent the token against its logit's sign (where
+            # the unshifted gate has a factor below 1/2)
+            factors = torch.sigmoid(torch.where(right.bool(), shifted_logits, -shifted_logits))
+            against = right.bool() != (r.path_logits >= 0)
+            assert against.any() and (factors >= 0.5).all()
+            unshifted_factors = torch.sigmoid(torch.where(right.bool(), r.path_logits, -r.path_logits))
+            assert (unshifted_factors[against] < 0.5).all()
+        torch.testing.assert_close(to_fast_eval(layer)(x).output, layer.eval()(x).output)
+    # the gradient reaches the nodes through the shifted gate
+    layer = _layer(bias_gate="shifted").train()
+    with torch.no_grad():
+        layer.router.balance_bias.copy_(shifts)
+    layer(x).output.sum().backward()
+    assert layer.router.node_weight.grad.abs().sum() > 0
+
+
+def test_the_shifted_gate_needs_bias_balancing_and_a_layer_refuses_weights_of_the_other_gate():
+    with pytest.raises(ValueError, match="bias_gate = 'shifted' is not allowed: sets the gate of a leaf chosen"):
+        _config(load_balance="leaf", bias_gate="shifted")
+    with pytest.raises(ValueError, match="bias_gate = 'both' is not allowed"):
+        _config(bias_gate="both")
+    trained = _layer(bias_gate="shifted")
+    with pytest.raises(ValueError, match=r"FFFConfig.bias_gate.*trained with bias_gate = 'shifted'"):
+        _layer().load_state_dict(trained.state_dict())
+    # weights saved before the field existed were gated on the unshifted logits
+    state = _layer().state_dict()
+    del state["_extra_state"]["config"]["bias_gate"]
+    _layer().load_state_dict(state)
+    with pytest.raises(ValueError, match=r"trained with bias_gate = 'unshifted', this layer has bias_gate = 'shif"):
+        trained.load_state_dict(state)
+
+
 def test_eval_kernels_and_fast_eval_route_with_the_shifts():
     layer = _layer().eval()
     with torch.no_grad():

@@ -50,6 +50,12 @@ def test_the_default_models_are_parameter_equal_in_two_groups():
     embeddings = 1028 * setting.d_model
     attention = setting.layers * 4 * (setting.d_model ** 2 + setting.d_model)
     assert setting.layers * ff[0] / (setting.layers * ff[0] + attention + embeddings) > 1 / 3
+    # the ablation's models are parameter-equal too, each with its one mechanism
+    extra = {r.label: r.block for r in comparison.extra_runs(setting, 1600, bias_rate=0.02)}
+    assert all(abs(b.num_parameters() - ff[0]) / ff[0] < 0.01 for b in extra.values())
+    shifted = extra["fff+bias-shifted"]
+    assert (shifted.bias_gate, shifted.load_balance, shifted.bias_update_rate) == ("shifted", "bias", 0.02)
+    assert extra["fff+softstart"].soft_updates == 400 and extra["fff+master"].master_leaf
 
 
 @pytest.fixture(scope="module")

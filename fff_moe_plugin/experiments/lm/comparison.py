@@ -110,14 +110,15 @@ def default_runs(setting: Setting, fff_train_mode: str = "hard", balance_coef: f
     ]
 
 
-SOFT_NOTE = ("no fff+bias and no fff+softstart with soft-trained trees: bias balancing's shifts move with the hard "
-             "decisions of training, and a soft start needs a hard tree to switch to")
+SOFT_NOTE = ("no fff+bias, fff+bias-shifted and fff+softstart with soft-trained trees: bias balancing's shifts move "
+             "with the hard decisions of training, and a soft start needs a hard tree to switch to")
 
 
 def extra_runs(setting: Setting, max_update: int, fff_train_mode: str = "hard", balance_coef: float = 0.01,
-               forest_trees: int = 4) -> list[Run]:
+               bias_rate: float = 0.01, forest_trees: int = 4) -> list[Run]:
     """Models outside the default set, run by naming them in ``--only``: with ``fff`` and the default ``fff+lb``,
-    ``fff+bias`` and ``forest+lb``, each mechanism alone and on top of the leaf loss (the ablation)."""
+    ``fff+bias`` and ``forest+lb``, each mechanism alone and on top of the leaf loss (the ablation), and bias
+    balancing with the gate on the shifted logits (``bias_gate``)."""
     mode = {"train_mode": fff_train_mode}
     lb = {**mode, "load_balance": "leaf", "load_balance_coef": balance_coef}
     d, k = setting.fff_depth, forest_trees
@@ -129,6 +130,9 @@ def extra_runs(setting: Setting, max_update: int, fff_train_mode: str = "hard", 
         soft = max(1, max_update // 4)
         runs.append(Run("fff+softstart", "fff", _fff(setting, d, **mode, soft_updates=soft),
                         f"FFF depth {d}, soft for the first {soft} updates, then hard"))
+        runs.append(Run("fff+bias-shifted", "fff",
+                        _fff(setting, d, **mode, load_balance="bias", bias_update_rate=bias_rate, bias_gate="shifted"),
+                        f"FFF depth {d} + bias balancing (rate {bias_rate}), gated on the shifted logits"))
     return runs
 
 

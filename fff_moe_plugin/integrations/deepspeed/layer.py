@@ -156,18 +156,18 @@ class FFFMoE(MoE, ExpertParallelFFF):
         """Copy a core FFF's weights (nodes, this rank's leaves, master leaf) into this layer."""
         if fff.config != self.config:
             raise ValueError(f"configs differ: this layer has {self.config}, the FFF has {fff.config}")
+        self.router.load_state_dict(fff.router.state_dict())  # nodes, decision shifts, the schedule's count
         for mine, theirs in self._shared_pairs(fff):
             mine.copy_(theirs.reshape(mine.shape))
         for local, j in enumerate(self.local_leaves):
             self._copy_leaf(self.deepspeed_moe.experts.deepspeed_experts[local], fff, j)
 
     def _shared_pairs(self, fff: FFF) -> list[tuple[Tensor, Tensor]]:
-        """(this layer's, the core FFF's) parameter for everything but the leaves: nodes and master leaf."""
-        pairs = list(zip(self.router.parameters(), fff.router.parameters()))
-        if self.master is not None:
-            theirs = dict(fff.master.named_parameters())
-            pairs += [(p, theirs[name]) for name, p in self.master.named_parameters()]
-        return pairs
+        """(this layer's, the core FFF's) master-leaf parameters (the router is copied whole, by state)."""
+        if self.master is None:
+            return []
+        theirs = dict(fff.master.named_parameters())
+        return [(p, theirs[name]) for name, p in self.master.named_parameters()]
 
     @staticmethod
     def _copy_leaf(leaf: LeafMLP, fff: FFF, j: int) -> None:
@@ -183,6 +183,7 @@ class FFFMoE(MoE, ExpertParallelFFF):
         expert-parallel group (a collective: call it on every rank of the group)."""
         w = self.router.node_weight
         fff = FFF(self.config).to(device=w.device, dtype=w.dtype)
+        fff.router.load_state_dict(self.router.state_dict())
         for mine, theirs in self._shared_pairs(fff):
             theirs.copy_(mine.reshape(theirs.shape))
         names = ["w1", "b1", "w2", "b2"] if self.config.bias else ["w1", "w2"]

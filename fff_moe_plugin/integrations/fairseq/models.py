@@ -80,6 +80,10 @@ class FFFLanguageModelConfig(TransformerLanguageModelConfig):
     fff_bias_update_rate: Optional[float] = field(
         default=None, metadata=_help(f"rate of the bias balancing's shift updates; > 0 adds it to a leaf or node "
                                      f"loss ({_UNSET}: 1e-3 with --fff-load-balance bias, else 0 = off)"))
+    fff_bias_gate: Optional[str] = field(
+        default=None, metadata=_help(f"with bias balancing, the gate of the leaf reached: its path probability "
+                                     f"under the unshifted logits (unshifted, DeepSeek-V3's choice) or under the "
+                                     f"shifted logits the decisions saw (shifted) ({_UNSET}: unshifted)"))
     fff_master_leaf: bool = field(
         default=False, metadata=_help("blend the tree with an always-on master leaf MLP (eFFF)"))
     fff_master_leaf_width: Optional[int] = field(

@@ -209,17 +209,15 @@ class TutelFFF(FeedForwardBlock, ExpertParallelFFF):
         return cls(fff.config, dispatch, group, init_from=fff, **kwargs).to(dtype)
 
     def _shared_pairs(self, fff: FFF) -> list[tuple[Tensor, Tensor]]:
-        """(this layer's, the core FFF's) parameter for everything but the leaves: nodes and master leaf."""
-        pairs = list(zip(self.router.parameters(), fff.router.parameters()))
-        if self.master is not None:
-            pairs += list(zip(self.master.parameters(), fff.master.parameters()))
-        return pairs
+        """(this layer's, the core FFF's) master-leaf parameters (the router is copied whole, by state)."""
+        return [] if self.master is None else list(zip(self.master.parameters(), fff.master.parameters()))
 
     @torch.no_grad()
     def load_fff(self, fff: FFF) -> None:
         """Copy a core FFF's weights in: nodes and master leaf whole, the leaves of this rank."""
         if not isinstance(fff, FFF) or fff.config != self.config:
             raise ValueError("TutelFFF.load_fff needs an FFF with the same config")
+        self.router.load_state_dict(fff.router.state_dict())  # nodes, decision shifts, the schedule's count
         for mine, theirs in self._shared_pairs(fff):
             mine.copy_(theirs.reshape(mine.shape))  # the blend logit: [1] under DeepSpeed (TutelFFFMoE), else []
         mine = slice(self.local_leaves.start, self.local_leaves.stop)
@@ -234,6 +232,7 @@ class TutelFFF(FeedForwardBlock, ExpertParallelFFF):
     def to_fff(self) -> FFF:
         """The core FFF with this layer's weights, leaves gathered from every rank (collective: all ranks call)."""
         out = FFF(self.config).to(self.router.node_weight.dtype)
+        out.router.load_state_dict(self.router.state_dict())
         for mine, theirs in self._shared_pairs(out):
             theirs.copy_(mine.reshape(theirs.shape))
         e = self.moe.experts

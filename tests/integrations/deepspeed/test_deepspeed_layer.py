@@ -39,12 +39,16 @@ def _cfg(**kw):
 @pytest.mark.parametrize("load_balance, master_leaf, n_trees", [
     ("leaf", True, 1), ("node", True, 1), ("none", True, 1), ("leaf", False, 1), ("node", False, 1),
     ("none", False, 1), ("leaf", True, 3), ("node", False, 3),  # forests: K assignments per token
+    ("bias", True, 1), ("bias", False, 3),  # decision shifts, the gate on the shifted logits
 ])
 def test_fffmoe_equals_core_fff_in_hard_mode_when_nothing_is_dropped(load_balance, master_leaf, n_trees, device):
-    core = FFF(_cfg(load_balance=load_balance, master_leaf=master_leaf, n_trees=n_trees)).double()
+    shifted = {"bias_gate": "shifted"} if load_balance == "bias" else {}
+    core = FFF(_cfg(load_balance=load_balance, master_leaf=master_leaf, n_trees=n_trees, **shifted)).double()
     with torch.no_grad():
         if master_leaf:
             core.master.gate.fill_(0.7)
+        if shifted:
+            core.router.balance_bias.uniform_(-0.5, 0.5)
     moe = FFFMoE.from_fff(core, capacity_factor=100.0, eval_capacity_factor=100.0).to(device)
     core.to(device)
     x = torch.randn(3, 11, 8, dtype=torch.float64, device=device)
@@ -74,6 +78,8 @@ def test_fffmoe_equals_core_fff_in_hard_mode_when_nothing_is_dropped(load_balanc
         torch.testing.assert_close(g, core.get_parameter(name).grad, rtol=0, atol=1e-12, msg=name)
     for name, p in core.named_parameters():
         assert torch.equal(back.get_parameter(name), p)
+    for name, b in core.named_buffers():  # the decision shifts travel both ways
+        assert torch.equal(back.get_buffer(name), b), name
 
 
 @pytest.mark.parametrize("depth", [3, 8])

@@ -119,6 +119,12 @@ def test_bias_balanced_training_moves_the_shifts_and_resumes_them(lm_data_bin, t
         steps = a[k] / 0.01  # 6 updates of +-0.01 each (or none, for a node no token reached)
         assert (a[k] != 0).any() and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 6
     assert_same_state(b, a, rtol=0, atol=0)
+    # --fff-bias-gate shifted reaches the layers, travels in the checkpoint and trains another function
+    train(lm_data_bin, tmp_path / "shifted", *flags, "--fff-bias-gate", "shifted", "--max-update", "6")
+    c = torch.load(tmp_path / "shifted" / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]
+    assert [v["config"]["bias_gate"] for k, v in c.items() if k.endswith("ffn._extra_state")] == ["shifted"] * 2
+    assert [v["config"]["bias_gate"] for k, v in a.items() if k.endswith("ffn._extra_state")] == ["unshifted"] * 2
+    assert not torch.equal(c["decoder.layers.0.ffn.leaves.w1"], a["decoder.layers.0.ffn.leaves.w1"])
 
 
 def test_the_soft_to_hard_switch_resumes_from_a_checkpoint_saved_before_it(lm_data_bin, tmp_path):

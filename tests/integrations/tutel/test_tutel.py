@@ -234,6 +234,23 @@ def test_soft_training_mixes_every_leaf_like_the_core_soft_forward(n_trees):
     assert_near(layer(x).output, core(x).output)
 
 
+@pytest.mark.parametrize("bias_gate", ["unshifted", "shifted"])
+def test_decision_shifts_route_and_gate_as_in_the_core_layer_and_travel_both_ways(bias_gate):
+    config = make_config(load_balance="bias", bias_update_rate=0.01, bias_gate=bias_gate)
+    torch.manual_seed(0)
+    core = FFF(config)
+    with torch.no_grad():
+        core.router.balance_bias.uniform_(-0.5, 0.5)
+    layer = TutelFFF.from_fff(core)
+    assert torch.equal(layer.router.balance_bias, core.router.balance_bias)
+    x, _ = data(1)
+    for training in (True, False):
+        core.train(training)
+        layer.train(training)
+        assert_near(layer(x).output, core(x).output)
+    assert torch.equal(layer.to_fff().router.balance_bias, core.router.balance_bias)
+
+
 def test_the_soft_phase_of_the_schedule_dispatches_every_leaf_then_one():
     from fff_moe_plugin import after_optimizer_step
 
