@@ -13,7 +13,7 @@ Axes: S tokens, d model width, N nodes, L leaves, D depth.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -278,6 +278,34 @@ class TreeRouter(nn.Module):
         c = self.config
         extra = f", bias_update_rate={c.bias_update_rate}" if c.bias_balancing else ""
         return f"d_model={c.d_model}, depth={c.depth}, nodes={c.n_nodes}, bias={c.bias}{extra}"
+
+
+@torch.no_grad()
+def shift_stats(router: TreeRouter, routings: list[Routing]) -> dict[str, Any]:
+    """What a router's decision shifts (bias balancing) did to the hard routings of its calls ``routings``:
+    ``against`` [D], the share of decisions at each level that went against the sign of the node's unshifted
+    logit; ``against_any``, the share of paths (token and tree) with such a decision on some level; the mean gate
+    of those paths (``gate_against``, None if there are none) and of the others (``gate_rest``); and the mean
+    and largest shift size. Without shifts every decision follows its logit and the shares are 0."""
+    if not routings or any(r.soft for r in routings):
+        raise ValueError("shift_stats needs the records of hard routings (eval, or hard training), got "
+                         + ("none" if not routings else "soft ones"))
+    c = router.config
+    logits = torch.cat([r.path_logits for r in routings]).float()  # [R, D], unshifted
+    gate = torch.cat([r.gate for r in routings]).float()  # [R]
+    right = tree.path_nodes_of_leaf(torch.cat([r.leaf for r in routings]), c.depth)[1].bool()  # [R, D]
+    against = right != (logits >= 0)
+    turned = against.any(1)
+    shift = router.balance_bias
+    return {
+        "paths": int(gate.numel()),
+        "against": [round(float(v), 4) for v in against.float().mean(0)],
+        "against_any": float(turned.float().mean()),
+        "gate_against": float(gate[turned].mean()) if turned.any() else None,
+        "gate_rest": float(gate[~turned].mean()) if (~turned).any() else None,
+        "shift_mean": 0.0 if shift is None else float(shift.abs().mean()),
+        "shift_max": 0.0 if shift is None else float(shift.abs().max()),
+    }
 
 
 # The names that layers holding a tree gave their parameters before the tree had its router, leaves and master-leaf

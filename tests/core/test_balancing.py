@@ -122,6 +122,28 @@ def test_the_shifted_gate_needs_bias_balancing_and_a_layer_refuses_weights_of_th
         trained.load_state_dict(state)
 
 
+def test_shift_stats_count_the_decisions_turned_against_their_logits_and_their_gates():
+    from fff_moe_plugin.router import shift_stats
+
+    layer = _layer().eval()
+    x = torch.randn(80, 6, dtype=torch.float64)
+    plain = shift_stats(layer.router, [layer.router(x)])
+    assert plain["against"] == [0.0, 0.0, 0.0] and plain["against_any"] == 0.0 and plain["gate_against"] is None
+    with torch.no_grad():
+        layer.router.balance_bias[0] = 1e3  # every token right at the root
+    r = layer.router(x)
+    got = shift_stats(layer.router, [r.select(torch.arange(80) < 30), r.select(torch.arange(80) >= 30)])
+    z = layer.router.node_logits(x)
+    turned = z[:, 0] < 0  # exactly the tokens whose root logit says left (the lower levels have no shift)
+    assert got["paths"] == 80 and got["against"] == [round(float(turned.double().mean()), 4), 0.0, 0.0]
+    assert got["against_any"] == pytest.approx(float(turned.double().mean()))
+    assert got["gate_against"] == pytest.approx(float(r.gate[turned].mean()))
+    assert got["gate_rest"] == pytest.approx(float(r.gate[~turned].mean()))
+    assert got["gate_against"] < 0.5 and got["shift_max"] == 1e3
+    with pytest.raises(ValueError, match="needs the records of hard routings"):
+        shift_stats(layer.router, [])
+
+
 def test_eval_kernels_and_fast_eval_route_with_the_shifts():
     layer = _layer().eval()
     with torch.no_grad():

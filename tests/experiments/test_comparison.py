@@ -170,6 +170,27 @@ def test_the_command_runs_both_groups_and_refuses_other_settings_in_the_same_out
     assert sorted(p.name for p in out.iterdir()) == before
 
 
+def test_the_shift_report_reads_a_tree_checkpoint_and_refuses_a_dense_one(folded, lm_data_bin, capsys):
+    out, _ = folded
+    tree_ckpt = out / "fff-d2+lb" / "seed1" / "checkpoints" / "checkpoint_last.pt"
+    rows = comparison.shift_effect(tree_ckpt, lm_data_bin, 16, batches=2)
+    assert [r["layer"] for r in rows] == [0, 1]  # one row per tree layer
+    for r in rows:  # no bias balancing: every decision follows its logit
+        assert r["paths"] > 0 and r["against"] == [0.0, 0.0] and r["against_any"] == 0.0
+        assert r["gate_against"] is None and 0.25 < r["gate_rest"] <= 1.0 and r["shift_max"] == 0.0
+    assert report.main(["shifts", str(tree_ckpt), "--data", str(lm_data_bin), "--tokens-per-sample", "16",
+                        "--batches", "2"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| layer | against l0 | against l1 | paths turned |") and len(table) == 4
+    assert table[2].startswith("| 0 | 0.0% | 0.0% | 0.0% | - |")
+    dense_ckpt = out / "dense" / "seed1" / "checkpoints" / "checkpoint_last.pt"
+    with pytest.raises(ValueError, match="holds no tree layer"):
+        comparison.shift_effect(dense_ckpt, lm_data_bin, 16, batches=1)
+    with pytest.raises(SystemExit):
+        report.main(["shifts", str(tree_ckpt), "--data", str(out)])
+    assert "holds no dict.txt" in capsys.readouterr().err
+
+
 def test_the_ranking_is_checked_against_a_longer_run(tmp_path):
     def summary(label, valid, seeds=(1,)):
         r = comparison.Result(label=label, description="", seed=1, params=1, ff_params=1, ff_percent_used=10.0,

@@ -266,23 +266,14 @@ def evaluate(data: Path, checkpoint: Path, tokens_per_sample: int, max_tokens: i
     every block layer on validation text, and the feedforward inference speed (tokens/s of the first layer's
     feedforward on the inputs it receives there, median of ``repeats``). In this process: one model load, no
     fairseq start-up."""
-    import argparse
-    import logging
     import warnings
 
     import torch
-    from fairseq import checkpoint_utils, utils
     from fairseq_cli.eval_lm import eval_lm
 
     from ...integrations.fairseq.layer import BlockDecoderLayer
 
-    logging.getLogger("fairseq").setLevel(logging.WARNING)  # the subprocesses' logs hold fairseq's chatter
-    logging.getLogger("fairseq_cli").setLevel(logging.WARNING)
-    logging.getLogger("fff_moe_plugin").setLevel(logging.WARNING)  # the block summary is in the training log
-    utils.import_user_module(argparse.Namespace(user_dir=user_dir()))
-    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-        [str(checkpoint)], arg_overrides={"data": str(data), "tokens_per_sample": tokens_per_sample})
-    model = models[0].eval()
+    model, task = load_checkpoint(checkpoint, data, tokens_per_sample)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PyTorch's attention-mask deprecation notice, once per batch
         task.load_dataset("test")
@@ -293,9 +284,7 @@ def evaluate(data: Path, checkpoint: Path, tokens_per_sample: int, max_tokens: i
         scored = eval_lm(models=[model], source_dictionary=task.source_dictionary, batch_iterator=itr,
                          target_dictionary=task.target_dictionary)
 
-    task.load_dataset("valid")
-    itr = task.get_batch_iterator(task.dataset("valid"), max_tokens=4096, max_positions=tokens_per_sample,
-                                  ignore_invalid_inputs=True).next_epoch_itr(shuffle=False)
+    itr = valid_batches(task, tokens_per_sample)
     layer = model.decoder.layers[0]
     captured: list[torch.Tensor] = []
     hook = layer.final_layer_norm.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
@@ -327,6 +316,60 @@ def evaluate(data: Path, checkpoint: Path, tokens_per_sample: int, max_tokens: i
     times.sort()
     return {"test_ppl": float(scored["perplexity"]), "tokens_per_s": x.shape[0] / times[len(times) // 2],
             "counts": [counts[i].tolist() for i in sorted(counts)]}
+
+
+def load_checkpoint(checkpoint: Path, data: Path, tokens_per_sample: int) -> tuple[Any, Any]:
+    """``(model in eval mode, fairseq task)`` of a comparison checkpoint, loaded in this process with the
+    plugin's models registered and fairseq's chatter quieted."""
+    import argparse
+    import logging
+
+    from fairseq import checkpoint_utils, utils
+
+    logging.getLogger("fairseq").setLevel(logging.WARNING)  # the subprocesses' logs hold fairseq's chatter
+    logging.getLogger("fairseq_cli").setLevel(logging.WARNING)
+    logging.getLogger("fff_moe_plugin").setLevel(logging.WARNING)  # the block summary is in the training log
+    utils.import_user_module(argparse.Namespace(user_dir=user_dir()))
+    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(checkpoint)], arg_overrides={"data": str(data), "tokens_per_sample": tokens_per_sample})
+    return models[0].eval(), task
+
+
+def valid_batches(task: Any, tokens_per_sample: int) -> Any:
+    """The validation split in fixed order, batches of 4096 tokens."""
+    task.load_dataset("valid")
+    return task.get_batch_iterator(task.dataset("valid"), max_tokens=4096, max_positions=tokens_per_sample,
+                                   ignore_invalid_inputs=True).next_epoch_itr(shuffle=False)
+
+
+def shift_effect(checkpoint: Path, data: Path, tokens_per_sample: int, batches: int = 8) -> list[dict[str, Any]]:
+    """What bias balancing's decision shifts do to a trained model's routing, on ``batches`` validation batches
+    in eval: for each tree layer (:func:`fff_moe_plugin.router.shift_stats`), the share of decisions a shift
+    sent against its logit's sign, at each level and on any level of a path, and the mean gate of the paths so
+    turned and of the others. One dict per layer, with its ``layer`` index."""
+    import warnings
+
+    import torch
+
+    from ...router import TreeRouter, shift_stats
+
+    model, task = load_checkpoint(checkpoint, data, tokens_per_sample)
+    routers = [m for m in model.modules() if isinstance(m, TreeRouter)]
+    if not routers:
+        raise ValueError(f"{checkpoint} holds no tree layer: the shift effect is a tree's (fff models)")
+    records: list[list[Any]] = [[] for _ in routers]
+    hooks = [r.register_forward_hook(lambda m, i, out, k=k: records[k].append(out)) for k, r in enumerate(routers)]
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PyTorch's attention-mask deprecation notice, once per batch
+            for b, sample in enumerate(valid_batches(task, tokens_per_sample)):
+                if b >= batches:
+                    break
+                model(**sample["net_input"])
+    finally:
+        for h in hooks:
+            h.remove()
+    return [{"layer": k, **shift_stats(r, records[k])} for k, r in enumerate(routers)]
 
 
 # -- the comparison's settings, shared by every piece in one --out ---------------------------------------------

@@ -371,9 +371,29 @@ def ablation(saved: dict[str, Any], base: str = "fff") -> str:
     return "\n".join(lines) + "\n"
 
 
+def shift_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of :func:`~fff_moe_plugin.experiments.lm.comparison.shift_effect`: per tree layer, the
+    share of decisions the shifts turned against their logit's sign (per level, and paths with any), and the mean
+    gate of the paths so turned and of the others."""
+    depth = max(len(r["against"]) for r in rows)
+    head = ["layer", *[f"against l{k}" for k in range(depth)], "paths turned", "gate turned", "gate rest",
+            "mean shift size", "max shift size"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def num(v: Optional[float]) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    for r in rows:
+        cells = [str(r["layer"]), *[f"{100 * v:.1f}%" for v in r["against"]], f"{100 * r['against_any']:.1f}%",
+                 num(r["gate_against"]), num(r["gate_rest"]), num(r["shift_mean"]), num(r["shift_max"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m fff_moe_plugin.experiments.lm.report lengths SHORT.json LONG.json`` (:func:`length_effect`) or
-    ``... ablation SAVED.json`` (:func:`ablation`), from the ``comparison.json`` files ``fff-moe compare`` writes."""
+    ``... ablation SAVED.json`` (:func:`ablation`), from the ``comparison.json`` files ``fff-moe compare`` writes;
+    ``... shifts CHECKPOINT --data DATA_BIN`` (:func:`shift_table`), from a tree model's checkpoint."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m fff_moe_plugin.experiments.lm.report", description=main.__doc__)
@@ -382,7 +402,26 @@ def main(argv: list[str] | None = None) -> int:
     lengths.add_argument("short")
     lengths.add_argument("long")
     sub.add_parser("ablation", help="the trees against the plain tree, with their routing").add_argument("saved")
+    shifts = sub.add_parser("shifts", help="what bias balancing's decision shifts did to a checkpoint's routing")
+    shifts.add_argument("checkpoint", help="a tree model's checkpoint, e.g. <out>/fff+bias/seed1/checkpoints/"
+                                           "checkpoint_last.pt")
+    shifts.add_argument("--data", required=True, help="the fairseq data-bin it was trained on")
+    shifts.add_argument("--tokens-per-sample", type=int, default=128, help="its context (default 128)")
+    shifts.add_argument("--batches", type=int, default=8, help="validation batches of 4096 tokens (default 8)")
     args = p.parse_args(argv)
+    if args.table == "shifts":
+        from .comparison import shift_effect
+
+        if not Path(args.checkpoint).is_file():
+            p.error(f"no such file: {args.checkpoint} (a checkpoint fairseq-train wrote)")
+        if not (Path(args.data) / "dict.txt").is_file():
+            p.error(f"--data {args.data} holds no dict.txt: give the fairseq data-bin the model was trained on")
+        for name in ("tokens_per_sample", "batches"):
+            if getattr(args, name) < 1:
+                p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is not allowed: must be at least 1")
+        print(shift_table(shift_effect(Path(args.checkpoint), Path(args.data), args.tokens_per_sample,
+                                       args.batches)), end="")
+        return 0
     paths = [args.short, args.long] if args.table == "lengths" else [args.saved]
     missing = [q for q in paths if not Path(q).is_file()]
     if missing:
