@@ -54,13 +54,14 @@ def leaf_log_probs(logits: Tensor, depth: int) -> Tensor:
     """
     if logits.shape[-1] != num_nodes(depth):
         raise ValueError(f"expected {num_nodes(depth)} node logits for depth {depth}, got {logits.shape[-1]}")
-    log_right = F.logsigmoid(logits)  # [S, N]
-    log_left = F.logsigmoid(-logits)  # [S, N]
+    # one split per side, not a slice per level: a slice's backward zero-fills an [S, N] tensor, a split's is one cat
+    sizes = [2**level for level in range(depth)]
+    log_right = F.logsigmoid(logits).split(sizes, dim=-1)  # [S, 2**k] per level
+    log_left = F.logsigmoid(-logits).split(sizes, dim=-1)
     out = logits.new_zeros(logits.shape[0], 1)  # [S, 1]: the root's region holds all the mass
-    for level in range(depth):
-        sl = level_slice(level)
+    for left, right in zip(log_left, log_right):
         # children of level-local node i are 2i (left) and 2i + 1 (right) on the next level
-        out = torch.stack((out + log_left[:, sl], out + log_right[:, sl]), dim=-1).flatten(1)  # [S, 2**(k+1)]
+        out = torch.stack((out + left, out + right), dim=-1).flatten(1)  # [S, 2**(k+1)]
     return out
 
 

@@ -153,7 +153,6 @@ def grouped_mlp(
     multiple = _ALIGN_BYTES // x.element_size()
     # zero columns leave every product unchanged; they are cut off again below
     xp, w1p = _pad_to(x, -1, multiple), _pad_to(_pad_to(w1, 1, multiple), 2, multiple)  # [S, d'], [E, d', h']
-    w2p = _pad_to(_pad_to(w2, 1, multiple), 2, multiple)  # [E, h', o']
     order = torch.argsort(expert, stable=True)  # [A]
     e_sorted = expert[order]  # [A]
     # group sizes as a device tensor (scatter_add keeps the shape static, unlike bincount)
@@ -169,12 +168,23 @@ def grouped_mlp(
     if b1 is not None:
         h = h + _pad_to(b1, 1, multiple).index_select(0, e_sorted)
     h = F.dropout(act(h), dropout, training)
+    hidden = w2.shape[1]
+    if h.shape[1] != hidden:
+        h = h[:, :hidden]  # the padded columns (act(0), which need not be 0)
     g = gate[order, None].to(h.dtype) if gate is not None else None  # [A, 1]
-    # gate * (h W2 + b2) = (gate * h) W2 + gate * b2: scaling the narrow hidden row costs less than the output row
-    y = _grouped_mm(h * g if g is not None else h, w2p, offs)[:, :o]  # [A, o]
-    if b2 is not None:
-        b2_rows = b2.index_select(0, e_sorted)
-        y = y.addcmul(b2_rows, g) if g is not None else y + b2_rows
+    # gate * (h W2 + b2) = (gate * h) W2 + gate * b2: scaling the narrow hidden row costs less than the output
+    # row, and b2 rides in the product as one more row of W2 against one more column of h (the gate, or 1): no
+    # [A, o] gather of the biases, no extra pass over the output, forward or backward
+    h = h * g if g is not None else h  # [A, h]
+    if b2 is None:
+        h, w2x = _pad_to(h, 1, multiple), _pad_to(_pad_to(w2, 1, multiple), 2, multiple)
+    else:  # one concatenation each, the zero padding included: [A, h''], [E, h'', o]
+        pad = -(hidden + 1) % multiple
+        h = torch.cat([h, g if g is not None else h.new_ones(h.shape[0], 1), h.new_zeros(h.shape[0], pad)], 1)
+        w2x = _pad_to(torch.cat([w2, b2[:, None, :], w2.new_zeros(E, pad, o)], 1), 2, multiple)
+    y = _grouped_mm(h, w2x, offs)  # [A, o']
+    if y.shape[1] != o:  # (a slice of the whole width would still cost a zero-filled copy in backward)
+        y = y[:, :o]
     if token is None:
         return _PermuteRows.apply(y, inverse, order)  # [S, o]
     return x.new_zeros(S, o).index_add(0, t_sorted, y)  # [S, o]
