@@ -141,14 +141,15 @@ def descend_from_logits(logits: Tensor, levels: int, strict: bool = False) -> tu
     """Hard descent given all node logits [S, N]; returns the visited nodes [S, levels] and the end [S]."""
     S = logits.shape[0]
     node = torch.zeros(S, dtype=torch.long, device=logits.device)
-    nodes = []
-    for _ in range(levels):
-        nodes.append(node)
-        z = logits.detach().gather(1, node[:, None])[:, 0]  # decisions only: no gradient
-        node = 2 * node + 1 + ((z > 0) if strict else (z >= 0)).long()
-    if not nodes:
+    if levels == 0:
         return node.new_empty(S, 0), node
-    return torch.stack(nodes, 1), node
+    # every node's decision at once (no gradient), then one gather a level: child = 2 * node + 1 + turn
+    turn = ((logits.detach() > 0) if strict else (logits.detach() >= 0)).long()  # [S, N]
+    nodes = node.new_empty(S, levels)  # [S, D]
+    for level in range(levels):
+        nodes[:, level] = node
+        node = turn.gather(1, node[:, None]).squeeze(1).add_(node, alpha=2).add_(1)
+    return nodes, node
 
 
 def path_nodes_of_leaf(leaf: Tensor, depth: int) -> tuple[Tensor, Tensor]:

@@ -57,10 +57,11 @@ class DeepSpeedFFFConfig:
     enabled: bool = True
     backend: str = "deepspeed"  # deepspeed: FFFMoE on deepspeed.moe; tutel: TutelFFFMoE, Tutel's dispatch (optional)
     router: str = "tree"  # tree: the FFF tree gate; topk: DeepSpeed's own top-1 gate over the same leaves
+    uniform_tokens: bool = False  # every rank routes the same number of tokens: capacity agreed once (TreeGate)
 
     BACKENDS: ClassVar[tuple[str, ...]] = ("deepspeed", "tutel")
     ROUTERS: ClassVar[tuple[str, ...]] = ("tree", "topk")
-    BLOCK_KEYS: ClassVar[tuple[str, ...]] = ("enabled", "replace", "backend", "router")
+    BLOCK_KEYS: ClassVar[tuple[str, ...]] = ("enabled", "replace", "backend", "router", "uniform_tokens")
 
     def __getattr__(self, name: str) -> Any:
         # block.depth, block.ep_size, ...: the tree's and DeepSpeed's keys by their JSON names
@@ -109,6 +110,13 @@ class DeepSpeedFFFConfig:
             _fail("router", router, f"must be one of {', '.join(cls.ROUTERS)}")
         if backend == "tutel" and router != "tree":
             _fail("router", router, 'the tutel backend only has the "tree" router')
+        uniform = values.get("uniform_tokens", False)
+        if not isinstance(uniform, bool):
+            _fail("uniform_tokens", uniform, "must be true or false")
+        if uniform and (backend != "deepspeed" or router != "tree" or values.get("drop_tokens") is False):
+            _fail("uniform_tokens", uniform, 'applies to the tree gate of the "deepspeed" backend with token dropping '
+                  "(the capacity agreement it skips); DeepSpeed's top-1 gate and Tutel's capped dispatch never agree "
+                  "on the capacity, and a dropless capacity is agreed in every call")
         # NaN and +-inf pass ordinary range checks (and json.load reads the literals NaN, Infinity): every float
         # key must be a finite number, whatever its range
         for key in cls.float_keys():
@@ -135,7 +143,7 @@ class DeepSpeedFFFConfig:
         knobs.setdefault("min_capacity", MIN_CAPACITY[backend])
         try:
             dispatch = DispatchConfig.from_deepspeed(**knobs)
-            block = cls(replace, tree, dispatch, enabled, backend, router)
+            block = cls(replace, tree, dispatch, enabled, backend, router, uniform)
             # the tree's own checks, with a stand-in width (d_model comes from the module being replaced)
             block.fff_config(d_model=1, activation=tree["activation"] or "relu")
             dispatch.check(block.n_trees * 2 ** block.depth, _world_size(), backend)
@@ -149,6 +157,7 @@ class DeepSpeedFFFConfig:
     def to_dict(self) -> dict[str, Any]:
         d = self.dispatch
         return {"replace": self.replace, "enabled": self.enabled, "backend": self.backend, "router": self.router,
+                "uniform_tokens": self.uniform_tokens,
                 "ep_size": d.ep_size, "capacity_factor": d.capacity_factor,
                 "eval_capacity_factor": d.eval_capacity_factor, "min_capacity": d.min_capacity,
                 "drop_tokens": not d.dropless, **self.tree}

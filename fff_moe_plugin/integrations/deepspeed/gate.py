@@ -86,7 +86,12 @@ class TreeGate(nn.Module):
     :class:`~fff_moe_plugin.dispatch.DispatchConfig`: ``max(ceil(S / L * capacity_factor), min_capacity)``
     slots per leaf (``eval_capacity_factor`` in eval); tokens beyond it are dropped in arrival order (their tree
     output is zero). Dropless, the capacity is the largest leaf load. In both cases the capacity is agreed (max)
-    over the expert-parallel group, as the all-to-all needs.
+    over the expert-parallel group, as the all-to-all needs, in every call: ranks may route different numbers of
+    tokens (ragged batches). With token dropping and ``uniform_tokens`` the agreement is made once, on the first
+    call, which checks that every rank of the group routes the same number of tokens (ValueError otherwise);
+    later calls take each rank's own capacity as the group's, as DeepSpeed's top-1 and top-2 gates always do. A
+    later call whose token count differs between ranks then breaks the all-to-all (gloo aborts on the size
+    mismatch), so it is for fixed-shape batches only.
 
     ``forward(x [S, d], used_token [S] | None, sparse_routes, use_tutel)`` returns
     - ``sparse_routes=True`` (DeepSpeed 0.19): ``(l_aux, capacity, L, indices int32 [1, S] (-1 = dropped),
@@ -103,10 +108,19 @@ class TreeGate(nn.Module):
         config: FFFConfig,
         dispatch: Optional[DispatchConfig] = None,
         ep_group: Optional[torch.distributed.ProcessGroup] = None,
+        uniform_tokens: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
         self.dispatch = DispatchConfig() if dispatch is None else dispatch
+        if not isinstance(uniform_tokens, bool):
+            raise ValueError(f"TreeGate: uniform_tokens = {uniform_tokens!r} is not allowed: must be True or False")
+        if uniform_tokens and self.dispatch.dropless:
+            raise ValueError("TreeGate: uniform_tokens = True is not allowed with a dropless dispatch: its capacity is "
+                             "the largest leaf load over the expert-parallel group, agreed in every call (it applies "
+                             "to token dropping, whose capacity follows from the token count alone)")
+        self.uniform_tokens = uniform_tokens
+        self._uniform_checked = False  # the first call's check of uniform_tokens has passed
         self.k = config.n_trees  # leaves per token (one per tree); DeepSpeed reads this attribute
         self.ep_group = ep_group
         self._ep_world: Optional[int] = None  # the group's size, read once
@@ -183,10 +197,25 @@ class TreeGate(nn.Module):
         factor = self.dispatch.factor(self.training)
         capacity = max(math.ceil(S / self.config.n_leaves * factor), self.dispatch.min_capacity)
         capacity = torch.tensor(capacity, dtype=torch.int64, device=device)
-        if self._ep_world_size() == 1:
+        if self._ep_world_size() == 1 or (self.uniform_tokens and self._uniform_checked):
+            return capacity, None
+        if self.uniform_tokens:
+            self._check_uniform(S, device)
             return capacity, None
         return capacity, torch.distributed.all_reduce(capacity, op=torch.distributed.ReduceOp.MAX,
                                                       group=self.ep_group, async_op=True)
+
+    def _check_uniform(self, S: int, device: torch.device) -> None:
+        """With ``uniform_tokens``, once: every rank of the group routes ``S`` tokens, or ValueError on every rank."""
+        extremes = torch.tensor([S, -S], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX, group=self.ep_group)
+        most, least = int(extremes[0]), -int(extremes[1])
+        if most != least:
+            raise ValueError(f"TreeGate: uniform_tokens is set, but the ranks of the expert-parallel group route "
+                             f"{least} to {most} tokens to this layer: every rank must route the same number (leave "
+                             "uniform_tokens off for batches whose token counts differ: the capacity is then agreed "
+                             "over the group in every call)")
+        self._uniform_checked = True
 
     @staticmethod
     def _agree(capacity: Tensor, work: Optional[Work]) -> Tensor:

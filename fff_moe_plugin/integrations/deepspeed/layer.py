@@ -41,7 +41,9 @@ class FFFMoE(MoE, ExpertParallelFFF):
     ``capacity_factor``, ``eval_capacity_factor``, ``min_capacity``, ``drop_tokens``), converted to one. Parts:
     ``gate`` (the :class:`TreeGate`, whose ``router`` holds the nodes), the leaves (DeepSpeed's experts, each a
     :class:`~fff_moe_plugin.leaves.LeafMLP`) and ``master`` (a :class:`~fff_moe_plugin.leaves.MasterLeaf` or
-    None). It implements :class:`~fff_moe_plugin.dispatch.ExpertParallelFFF`.
+    None). ``uniform_tokens``: every rank routes the same number of tokens to the layer (fixed-shape batches), so
+    that with token dropping the capacity is agreed over the expert-parallel group once, not in every call
+    (:class:`TreeGate`). It implements :class:`~fff_moe_plugin.dispatch.ExpertParallelFFF`.
 
     Use with ``deepspeed.initialize`` (which finds it by ``isinstance(..., MoE)``: parameter groups, ZeRO 0-2,
     per-expert checkpoint files), or standalone::
@@ -56,7 +58,8 @@ class FFFMoE(MoE, ExpertParallelFFF):
     nodes for expert weights.
     """
 
-    def __init__(self, config: FFFConfig, dispatch: Optional[DispatchConfig] = None, **deepspeed_kwargs) -> None:
+    def __init__(self, config: FFFConfig, dispatch: Optional[DispatchConfig] = None, uniform_tokens: bool = False,
+                 **deepspeed_kwargs) -> None:
         dispatch = DispatchConfig.resolve(dispatch, "FFFMoE", **deepspeed_kwargs)
         _check_arguments(config, dispatch)
         ep_rank = _expected_ep_rank(dispatch.ep_size)
@@ -73,7 +76,7 @@ class FFFMoE(MoE, ExpertParallelFFF):
         self.config = config
         self.dispatch = dispatch
         self.ep_rank = ep_rank
-        self.deepspeed_moe.gate = TreeGate(config, dispatch)
+        self.deepspeed_moe.gate = TreeGate(config, dispatch, uniform_tokens=uniform_tokens)
         # the master leaf's parameters in the order of DeepSpeed's experts and its blend logit of shape [1] (the
         # engine's byte broadcast), as FFFMoE's checkpoints, optimizer states included, were written
         self.master = (MasterLeaf(c.d_model, c.master_leaf_width, c.d_out, c.activation, c.bias, c.leaf_dropout,
@@ -141,11 +144,12 @@ class FFFMoE(MoE, ExpertParallelFFF):
 
     # -- conversion to and from the core layer -------------------------------------------------------
     @classmethod
-    def from_fff(cls, fff: FFF, dispatch: Optional[DispatchConfig] = None, **deepspeed_kwargs) -> FFFMoE:
+    def from_fff(cls, fff: FFF, dispatch: Optional[DispatchConfig] = None, uniform_tokens: bool = False,
+                 **deepspeed_kwargs) -> FFFMoE:
         """An FFFMoE with the weights of a core ``FFF`` (this rank's leaves when ``ep_size > 1``)."""
         if not isinstance(fff, FFF):
             raise TypeError(f"from_fff takes a fff_moe_plugin.FFF, got {type(fff).__name__}")
-        layer = cls(fff.config, dispatch, **deepspeed_kwargs)
+        layer = cls(fff.config, dispatch, uniform_tokens, **deepspeed_kwargs)
         # on the tree's device and dtype first: a float64 tree is copied exactly, a CUDA tree stays on its GPU
         w = fff.router.node_weight
         layer.to(device=w.device, dtype=w.dtype).load_fff(fff)

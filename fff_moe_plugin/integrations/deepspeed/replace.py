@@ -136,7 +136,7 @@ def build_layer(block: DeepSpeedFFFConfig, cfg: FFFConfig) -> nn.Module:
             return _tutel_layer(block, core)
         from .layer import FFFMoE
 
-        return MoEFeedForward(FFFMoE.from_fff(core, d))
+        return MoEFeedForward(FFFMoE.from_fff(core, d, uniform_tokens=block.uniform_tokens))
 
 
 def _tutel_layer(block: DeepSpeedFFFConfig, core: FFF) -> nn.Module:

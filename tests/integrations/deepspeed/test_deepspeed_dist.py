@@ -15,8 +15,8 @@ from helpers import assert_ok, run_rank_checks, run_rank_scripts
 
 pytest.importorskip("deepspeed", reason='needs DeepSpeed: pip install "fff-moe-plugin[deepspeed]"')
 
-CHECKS = ("ep_equality", "ep_equality_dropless_uneven", "ep_equality_forest", "zero_training", "engine_ep_equality",
-          "checkpoints")
+CHECKS = ("ep_equality", "ep_equality_dropless_uneven", "ep_equality_forest", "uniform_tokens", "uniform_tokens_ragged",
+          "zero_training", "engine_ep_equality", "checkpoints")
 
 
 # ---------------------------------------------------------------------------------------------------- worker
@@ -124,6 +124,82 @@ def check_ep_equality(rank: int, dropless: bool = False, uneven: bool = False, n
         assert torch.equal(back.get_parameter(name), p), name
 
 
+def _counting_all_reduce(calls: list):
+    """A stand-in for torch.distributed.all_reduce that counts its calls and then makes them."""
+    import torch.distributed as dist
+
+    real = dist.all_reduce
+
+    def all_reduce(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    return real, all_reduce
+
+
+def check_uniform_tokens(rank: int) -> None:
+    """uniform_tokens: the same outputs, l_aux, gradients and drops as the capacity agreed in every call (tokens
+    are dropped here), with one all-reduce on the first call and none after."""
+    import torch
+    import torch.distributed as dist
+
+    from fff_moe_plugin import FFF, FFFConfig
+    from fff_moe_plugin.integrations.deepspeed import FFFMoE
+
+    cfg = FFFConfig(d_model=8, leaf_width=4, depth=3, train_mode="hard", load_balance="leaf", load_balance_coef=0.05)
+    torch.manual_seed(0)
+    core = FFF(cfg).double()
+    knobs = dict(ep_size=2, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=0)
+    layers = {u: FFFMoE.from_fff(core, uniform_tokens=u, **knobs) for u in (False, True)}
+    for m in layers.values():
+        m.set_deepspeed_parallelism()
+    g = torch.Generator().manual_seed(11 + rank)
+    x = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    up = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    res = {}
+    for u, m in layers.items():
+        res[u] = []
+        for call in range(2):
+            calls = []
+            real, counting = _counting_all_reduce(calls)
+            dist.all_reduce = counting
+            try:
+                y, l_aux, _ = m(x)
+            finally:
+                dist.all_reduce = real
+            ((y * up).sum() + l_aux).backward()
+            res[u].append((y.detach(), l_aux.detach(), m.gate.last_record.stats["dropped"], len(calls)))
+    for (y0, a0, d0, n0), (y1, a1, d1, n1) in zip(res[False], res[True]):
+        torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+        torch.testing.assert_close(a1, a0, rtol=0, atol=0)
+        assert d1 == d0
+    assert sum(r[2] for r in res[True]) > 0, "the check needs dropped tokens"
+    assert [r[3] for r in res[False]] == [1, 1], res[False]  # the capacity agreed in each call
+    assert [r[3] for r in res[True]] == [1, 0], res[True]  # the check on the first call only
+    for (n0, p0), (n1, p1) in zip(layers[False].named_parameters(), layers[True].named_parameters()):
+        assert n0 == n1
+        torch.testing.assert_close(p1.grad, p0.grad, rtol=0, atol=0)
+
+
+def check_uniform_tokens_ragged(rank: int) -> None:
+    """uniform_tokens with different token counts on the two ranks: a ValueError on both, on the first call."""
+    import torch
+
+    from fff_moe_plugin import FFF, FFFConfig
+    from fff_moe_plugin.integrations.deepspeed import FFFMoE
+
+    cfg = FFFConfig(d_model=8, leaf_width=4, depth=3, train_mode="hard")
+    torch.manual_seed(0)
+    m = FFFMoE.from_fff(FFF(cfg), ep_size=2, uniform_tokens=True)
+    m.set_deepspeed_parallelism()
+    try:
+        m(torch.randn(24 + 8 * rank, 8))
+    except ValueError as e:
+        assert "uniform_tokens is set" in str(e) and "24 to 32 tokens" in str(e), e
+    else:
+        raise AssertionError("different token counts under uniform_tokens were not refused")
+
+
 def check_zero_training(rank: int) -> None:
     """deepspeed.initialize through the JSON flag + a few steps reduce the loss, ZeRO 0, 1 and 2, ep_size 2."""
     for zero in (0, 1, 2):
@@ -190,6 +266,8 @@ def worker(out_dir: str, checks: list[str]) -> None:
         "ep_equality": check_ep_equality,
         "ep_equality_dropless_uneven": lambda rank: check_ep_equality(rank, dropless=True, uneven=True),
         "ep_equality_forest": lambda rank: check_ep_equality(rank, n_trees=3),
+        "uniform_tokens": check_uniform_tokens,
+        "uniform_tokens_ragged": check_uniform_tokens_ragged,
         "zero_training": check_zero_training,
         "engine_ep_equality": check_engine_ep_equality,
         "checkpoints": lambda rank: check_checkpoints(rank, os.path.join(out_dir, "ckpt")),
@@ -219,6 +297,16 @@ def test_dropless_capacity_is_agreed_across_ranks_with_uneven_token_counts(resul
 @pytest.mark.slow
 def test_an_expert_parallel_forest_equals_the_one_rank_forest(results):
     assert_ok(results, "ep_equality_forest")
+
+
+@pytest.mark.slow
+def test_uniform_tokens_agrees_on_the_capacity_once_with_the_same_results(results):
+    assert_ok(results, "uniform_tokens")
+
+
+@pytest.mark.slow
+def test_uniform_tokens_refuses_different_token_counts_on_the_first_call(results):
+    assert_ok(results, "uniform_tokens_ragged")
 
 
 @pytest.mark.slow

@@ -362,6 +362,25 @@ def test_replacement_refuses_modules_it_cannot_convert():
         plan_replacements(_Net(), block)
 
 
+def test_uniform_tokens_key_reaches_the_tree_gate_and_is_refused_where_it_has_no_meaning():
+    model = _Net()
+    block = DeepSpeedFFFConfig.from_dict({"depth": 2, "leaf_width": 8, "replace": "blocks.*.mlp",
+                                          "uniform_tokens": True})
+    assert block.uniform_tokens and block.to_dict()["uniform_tokens"] is True
+    apply_replacements(model, block, plan_replacements(model, block))
+    assert all(b["mlp"].moe.gate.uniform_tokens for b in model.blocks)
+    default = DeepSpeedFFFConfig.from_dict({"depth": 2, "leaf_width": 8, "replace": "blocks.*.mlp"})
+    assert default.uniform_tokens is False
+    base = {"depth": 2, "leaf_width": 8, "replace": "m", "uniform_tokens": True}
+    for extra in ({"router": "topk"}, {"drop_tokens": False}, {"backend": "tutel"}):
+        with pytest.raises(ValueError, match=r"uniform_tokens = True is not allowed: applies to the tree gate"):
+            DeepSpeedFFFConfig.from_dict({**base, **extra})
+    with pytest.raises(ValueError, match=r"uniform_tokens = 1 is not allowed: must be true or false"):
+        DeepSpeedFFFConfig.from_dict({**base, "uniform_tokens": 1})
+    with pytest.raises(ValueError, match=r"uniform_tokens = True is not allowed with a dropless dispatch"):
+        FFFMoE(_cfg(), uniform_tokens=True, drop_tokens=False)
+
+
 def test_topk_router_builds_deepspeeds_own_moe_over_the_same_leaves(device):
     from deepspeed.moe.layer import MoE
 
